@@ -1,0 +1,71 @@
+"""Sorting of exceptions from one attempt into what the pool does next.
+
+This is the one place that maps low-level errors (httpx, ollama-python) onto the
+pool's decisions, so that every entry point retries the same failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+import httpx
+import ollama
+
+from ollama_pool._errors import IncompleteResponseError
+
+
+class Failure(enum.Enum):
+    """What one failed attempt means for the request and for the instance."""
+
+    # The instance is at fault (down, timed out, 5xx, broken stream): retry
+    # elsewhere and count the failure against the instance.
+    INSTANCE = "instance"
+    # The instance lacks the model (404 "not found"): retry elsewhere and stop
+    # sending that model to it.
+    MODEL_MISSING = "model_missing"
+    # The request itself is wrong (400 and other 4xx): raise it unchanged.
+    CLIENT = "client"
+    # Cancellation, interrupts and errors of the caller's own code: raise them
+    # unchanged without blaming the instance.
+    NOT_OURS = "not_ours"
+
+
+def classify(exc: BaseException) -> Failure:
+    """Return how the pool treats `exc` raised by one attempt."""
+    if isinstance(exc, ollama.ResponseError):
+        return _classify_status(exc.status_code, str(exc.error))
+    if isinstance(exc, IncompleteResponseError):
+        return Failure.INSTANCE
+    if isinstance(exc, httpx.HTTPStatusError):
+        return _classify_status(exc.response.status_code, exc.response.text)
+    if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)):
+        # httpx.TransportError covers connect, read and write errors, timeouts and
+        # protocol errors such as a connection closed mid-body. ollama-python turns
+        # connect failures of non-streaming calls into the built-in ConnectionError.
+        return Failure.INSTANCE
+    if isinstance(exc, asyncio.CancelledError):
+        return Failure.NOT_OURS
+    return Failure.NOT_OURS
+
+
+def _classify_status(status: int, message: str) -> Failure:
+    # Case 1: ollama-python reports an error line inside a 200 stream as -1.
+    if status == -1 or status >= 500:
+        return Failure.INSTANCE
+    # Case 2: the model is not pulled on this instance (wording differs by version).
+    if status == 404 and "not found" in message.lower():
+        return Failure.MODEL_MISSING
+    # Case 3: other statuses that say nothing about the request itself.
+    if status in (404, 408, 429, 499):
+        return Failure.INSTANCE
+    # Case 4: 400 and the rest of 4xx: invalid request, unsupported tools or thinking.
+    return Failure.CLIENT
+
+
+def describe(exc: BaseException) -> str:
+    """Return a one-line reason for logs, without the request body."""
+    if isinstance(exc, ollama.ResponseError):
+        return f"HTTP {exc.status_code}: {exc.error}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"

@@ -1,0 +1,1 @@
+"""The batch command: a JSONL file of questions through a chain on the pool."""

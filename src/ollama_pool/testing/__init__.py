@@ -1,0 +1,1 @@
+"""An Ollama stand-in server for tests, benchmarks and local runs."""
