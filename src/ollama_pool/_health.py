@@ -112,7 +112,9 @@ class HealthMonitor:
         instance.next_probe_at = time.monotonic() + self._interval
         reason = ""
         try:
-            response = await client.get(f"{instance.base_url}/api/version")
+            response = await client.get(
+                f"{instance.plain_url}/api/version", auth=instance.auth
+            )
             if response.status_code != 200:
                 reason = f"probe GET /api/version returned HTTP {response.status_code}"
         except httpx.HTTPError as exc:

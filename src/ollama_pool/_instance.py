@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ollama_pool._urls import normalize_model, redact_url
+from ollama_pool._urls import normalize_model, redact_url, split_credentials
 
 
 class Instance:
@@ -24,6 +24,9 @@ class Instance:
     ):
         self.base_url = base_url.rstrip("/")
         self.url = redact_url(self.base_url)
+        # The address without user info, and the credentials as an auth object,
+        # because httpx logs request URLs and the password must not appear there.
+        self.plain_url, self.auth = split_credentials(self.base_url)
         self.model = normalize_model(model) if model else None
         self.max_in_flight = max_in_flight
         self.index = index

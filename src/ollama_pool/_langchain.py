@@ -13,7 +13,7 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_ollama import ChatOllama
@@ -155,6 +155,18 @@ class PooledChatOllama(ChatOllama):
     def _llm_type(self) -> str:
         return "pooled-chat-ollama"
 
+    def _get_ls_params(
+        self, stop: list[str] | None = None, **kwargs: Any
+    ) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        # A per-call model wins. Without any model, each instance serves its own,
+        # so the trace names the models of the pool.
+        models = sorted({i.model for i in self._pool.instances if i.model})
+        params["ls_model_name"] = (
+            self._request_model(kwargs) or ",".join(models) or "unknown"
+        )
+        return params
+
     # -- Backends --------------------------------------------------------------------
 
     def _backend_settings(self, instance: Instance) -> dict[str, Any]:
@@ -249,15 +261,11 @@ class PooledChatOllama(ChatOllama):
             for chunk in backend._iterate_over_stream(messages, stop, **kwargs):
                 yield _tagged(chunk, instance)
 
-        chunks = self._pool.stream(
+        # BaseChatModel reports each chunk to the callbacks itself, so this method
+        # does not, unlike ChatOllama._stream, which reports every token twice.
+        yield from self._pool.stream(
             open_stream, is_final=_is_final, model=self._request_model(kwargs)
         )
-        for chunk in chunks:
-            if run_manager:
-                run_manager.on_llm_new_token(
-                    chunk.text, chunk=chunk, verbose=self.verbose
-                )
-            yield chunk
 
     async def _astream(
         self,
@@ -275,10 +283,6 @@ class PooledChatOllama(ChatOllama):
             open_stream, is_final=_is_final, model=self._request_model(kwargs)
         )
         async for chunk in chunks:
-            if run_manager:
-                await run_manager.on_llm_new_token(
-                    chunk.text, chunk=chunk, verbose=self.verbose
-                )
             yield chunk
 
     # -- Lifecycle ---------------------------------------------------------------------

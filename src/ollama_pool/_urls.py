@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
 
 
 def redact_url(url: str) -> str:
@@ -15,14 +17,11 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<invalid URL>"
-    if parts.password is None:
+    userinfo, separator, hostport = parts.netloc.rpartition("@")
+    if not separator or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    netloc = f"{user}:***@{host}{port}"
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostport}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -42,9 +41,23 @@ def normalize_model(name: str) -> str:
 def scrub_secret(text: str, base_url: str) -> str:
     """Return `text` with the password of `base_url` masked wherever it appears."""
     try:
-        password = urlsplit(base_url).password
+        userinfo, separator, _ = urlsplit(base_url).netloc.rpartition("@")
     except ValueError:
         return text
+    password = userinfo.split(":", 1)[1] if separator and ":" in userinfo else ""
     if not password:
         return text
     return text.replace(base_url, redact_url(base_url)).replace(password, "***")
+
+
+def split_credentials(url: str) -> tuple[str, httpx.BasicAuth | None]:
+    """Return `url` without its user info, and that user info as basic auth."""
+    parts = urlsplit(url)
+    userinfo, separator, hostport = parts.netloc.rpartition("@")
+    if not separator:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    plain = urlunsplit(
+        (parts.scheme, hostport, parts.path, parts.query, parts.fragment)
+    )
+    return plain, httpx.BasicAuth(unquote(user), unquote(password))
