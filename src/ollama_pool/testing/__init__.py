@@ -1,6 +1,6 @@
 """An Ollama stand-in server for tests, benchmarks and local runs.
 
-`StandInServer` answers the Ollama REST API (chat, generate, embed, pull, tags,
+`StandInServer` serves the Ollama REST API (chat, generate, embed, pull, tags,
 ps, show, version) on 127.0.0.1 with deterministic text, and can script the
 failures a real server shows: error statuses, a full queue, errors mid-stream,
 dropped connections and stalls. `Behavior` holds that script; a `Responder`

@@ -134,14 +134,14 @@ _first_token_delay_option = click.option(
     type=float,
     default=0.0,
     show_default=True,
-    help="Seconds before the first chunk of an answer.",
+    help="Seconds before the first chunk of a response.",
 )
 _token_delay_option = click.option(
     "--token-delay",
     type=float,
     default=0.0,
     show_default=True,
-    help="Seconds between two chunks of an answer.",
+    help="Seconds between two chunks of a response.",
 )
 _responder_option = click.option(
     "--responder",
@@ -156,7 +156,7 @@ _responder_option = click.option(
     message=f"%(prog)s %(version)s (reports Ollama version {DEFAULT_VERSION})",
 )
 def main() -> None:
-    """An Ollama stand-in server for tests and benchmarks."""
+    """Run an Ollama stand-in server for tests and benchmarks."""
 
 
 @main.command()

@@ -66,7 +66,7 @@ def json_response(value: Any) -> web.Response:
 
 
 class RequestError(Exception):
-    """Raised by request parsing; becomes an error answer with this status."""
+    """Raised by request parsing; the handler responds with this status."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -110,16 +110,18 @@ class ServerStats:
 
     # Requests received per path, including rejected ones.
     requests: Counter[str] = field(default_factory=Counter)
-    # Chat and generate requests that got a slot and generated an answer.
+    # Chat and generate requests that got a slot and generated a response.
     chat_requests: int = 0
-    # Embed requests answered.
+    # Embed requests that got a slot and returned vectors.
     embed_requests: int = 0
     # Requests generating right now, and the maximum seen at once.
     active_generations: int = 0
     max_active_generations: int = 0
-    # Requests answered 503 because the wait queue was full.
+    # Requests waiting for a slot right now.
+    waiting_requests: int = 0
+    # Requests rejected with 503 because the wait queue was full.
     rejected_busy: int = 0
-    # Requests answered with the scripted failure.
+    # Requests that got the scripted failure.
     scripted_failures: int = 0
     # The latest chat and generate requests, oldest first.
     recent_requests: deque[ChatRequest] = field(
@@ -185,7 +187,7 @@ class _Format:
         outcome: Outcome,
         metrics: dict[str, int],
     ) -> dict[str, Any]:
-        """Build the object of a `stream: false` answer or of the final chunk."""
+        """Build the object of a `stream: false` response or of the final chunk."""
         value: dict[str, Any] = {"model": self.model, "created_at": self.created_at}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -227,7 +229,9 @@ class StandInApp:
         self.executor = executor
         self.stats = ServerStats()
         self.gate = GenerationGate(
-            lambda: self.behavior.parallel, lambda: self.behavior.max_queue
+            lambda: self.behavior.parallel,
+            lambda: self.behavior.max_queue,
+            self._update_active,
         )
         self.started_at = time.time()
         self.stopping = asyncio.Event()
@@ -346,38 +350,39 @@ class StandInApp:
         return error_response(behavior.fail_status, behavior.fail_message)
 
     async def _acquire_slot(self) -> web.Response | None:
-        """Wait for a generation slot; return the 503 answer when the queue is full."""
+        """Wait for a generation slot; return a 503 response when the queue is full."""
         try:
             await self.gate.acquire()
         except ServerBusyError:
             self.stats.rejected_busy += 1
             return error_response(503, BUSY_MESSAGE)
-        self._update_active()
         return None
 
     def _release_slot(self) -> None:
         self.gate.release()
-        self._update_active()
 
     def _update_active(self) -> None:
-        self.stats.active_generations = self.gate.active
-        self.stats.max_active_generations = self.gate.max_active
+        stats = self.stats
+        stats.active_generations = self.gate.active
+        stats.max_active_generations = max(
+            stats.max_active_generations, self.gate.active
+        )
+        stats.waiting_requests = self.gate.waiting
 
     def wake_waiters(self) -> None:
         """Let waiting requests in after the behaviour raised `parallel`."""
         self.gate.wake()
-        self._update_active()
 
     # Connection faults
 
-    async def _stall(self, request: web.Request) -> None:
+    async def stall(self, request: web.Request) -> None:
         """Send nothing until the server stops; the client leaving cancels this."""
         await self.stopping.wait()
         if request.transport is not None:
             request.transport.abort()
 
     @staticmethod
-    def _drop_connection(request: web.Request) -> None:
+    def drop_connection(request: web.Request) -> None:
         """Close the TCP connection after the data already written, with no
         chunked terminator, so the client sees an incomplete body."""
         if request.transport is not None:
@@ -490,7 +495,7 @@ class StandInApp:
     async def _load_only(
         self, api: str, chat_request: ChatRequest, keep_alive: float | None
     ) -> web.StreamResponse:
-        """Answer a request without messages or prompt: load or unload the model."""
+        """Respond to a request without messages or prompt: load or unload the model."""
         name = chat_request.model
         started = time.perf_counter_ns()
         await self._ensure_loaded(name, keep_alive, chat_request.options)
@@ -514,7 +519,7 @@ class StandInApp:
         return json_response({"model": name, "embeddings": vectors, **metrics})
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        """Answer the legacy single-text endpoint, /api/embeddings."""
+        """Respond to the legacy single-text endpoint, /api/embeddings."""
         body = await read_body(request)
         name = self._require_model(body)
         prompt = body.get("prompt") or ""
@@ -691,7 +696,7 @@ def parse_embed_input(value: Any) -> list[str]:
 
 
 class _Answer:
-    """One chat or generate answer, streamed or collected, with scripted faults."""
+    """One chat or generate response, streamed or collected, with scripted faults."""
 
     def __init__(
         self,
@@ -720,38 +725,50 @@ class _Answer:
         response = web.StreamResponse(headers={"Content-Type": NDJSON})
         await response.prepare(self.request)
         if self.behavior.stall_after_headers:
-            await self.app._stall(self.request)
+            await self.app.stall(self.request)
             return response
-        flush_each = (
-            self.behavior.token_delay > 0 or self.behavior.responder is not None
-        )
+
         pending: list[str] = []
-        sent = 0
         try:
-            async with self._pieces() as pieces:
-                async for piece in pieces:
-                    if sent == 0:
-                        self.timing.first_piece = time.perf_counter_ns()
-                    if self.fault_after is not None and sent >= self.fault_after:
-                        break
-                    pending.append(self.format.piece(piece))
-                    sent += 1
-                    if flush_each:
-                        await _flush(response, pending)
+            await self._stream_pieces(response, pending)
         except GenerationError as exc:
-            logger.warning("%s", exc)
+            logger.warning("generation for %s failed: %s", self.format.model, exc)
             pending.append(dumps({"error": str(exc)}) + "\n")
             await _flush(response, pending)
             return response
         if self.fault_after is not None:
             await self._stream_fault(response, pending)
             return response
+
         if self.outcome.tool_calls:
             pending.append(self.format.tool_calls(self.outcome.tool_calls))
         final = self.format.final(self.outcome, self.timing.metrics(self.outcome))
         pending.append(dumps(final) + "\n")
         await _flush(response, pending)
         return response
+
+    async def _stream_pieces(
+        self, response: web.StreamResponse, pending: list[str]
+    ) -> None:
+        """Write the pieces up to the scripted fault, if any.
+
+        Without delays between pieces, the lines are left in `pending` and sent
+        in one write, which keeps the CPU cost per request low.
+        """
+        flush_each = (
+            self.behavior.token_delay > 0 or self.behavior.responder is not None
+        )
+        sent = 0
+        async with self._pieces() as pieces:
+            async for piece in pieces:
+                if sent == 0:
+                    self.timing.first_piece = time.perf_counter_ns()
+                if self.fault_after is not None and sent >= self.fault_after:
+                    return
+                pending.append(self.format.piece(piece))
+                sent += 1
+                if flush_each:
+                    await _flush(response, pending)
 
     async def _stream_fault(
         self, response: web.StreamResponse, pending: list[str]
@@ -761,13 +778,13 @@ class _Answer:
             await _flush(response, pending)
             return
         await _flush(response, pending)
-        self.app._drop_connection(self.request)
+        self.app.drop_connection(self.request)
 
     async def collect(self) -> web.StreamResponse:
         if self.behavior.stall_after_headers:
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(self.request)
-            await self.app._stall(self.request)
+            await self.app.stall(self.request)
             return response
         content: list[str] = []
         thinking: list[str] = []
@@ -778,12 +795,12 @@ class _Answer:
                         self.timing.first_piece = time.perf_counter_ns()
                     (thinking if piece.kind == THINKING else content).append(piece.text)
         except GenerationError as exc:
-            logger.warning("%s", exc)
+            logger.warning("generation for %s failed: %s", self.format.model, exc)
             return error_response(500, str(exc))
         if self.fault_after is not None:
             if self.behavior.error_after_chunks == self.fault_after:
                 return error_response(500, self.behavior.error_message)
-            self.app._drop_connection(self.request)
+            self.app.drop_connection(self.request)
             return web.Response()
         metrics = self.timing.metrics(self.outcome)
         whole = self.format.whole(

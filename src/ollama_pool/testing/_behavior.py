@@ -60,7 +60,7 @@ def _default_models() -> list[str]:
 
 @dataclass
 class Behavior:
-    """How a stand-in server answers; fields can change while it runs.
+    """Script of how a stand-in server responds; fields can change while it runs.
 
     Handlers read the fields once per request, so a change applies to the
     requests that arrive after it.
@@ -85,7 +85,8 @@ class Behavior:
     token_delay: float = 0.0
     # Seconds to load a model that is not loaded yet (reported as load_duration).
     load_delay: float = 0.0
-    # Requests that generate at once, like OLLAMA_NUM_PARALLEL; None is unlimited.
+    # Requests that generate at once, like OLLAMA_NUM_PARALLEL; None is unlimited
+    # and 0 keeps every request in the queue until the value is raised.
     parallel: int | None = None
     # Requests that may wait for a free slot before new ones get 503; None is
     # unlimited, like a very large OLLAMA_MAX_QUEUE.

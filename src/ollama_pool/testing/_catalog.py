@@ -82,7 +82,7 @@ def tags_entry(name: str, modified: float) -> dict[str, Any]:
 
 
 def show_response(name: str, modified: float) -> dict[str, Any]:
-    """Build the /api/show answer of one model."""
+    """Build the /api/show response of one model."""
     details = model_details(name)
     family = details["family"]
     return {

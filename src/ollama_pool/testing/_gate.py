@@ -16,18 +16,20 @@ class GenerationGate:
 
     `limit()` and `max_queue()` are read on every call, so a change of the
     behaviour applies at once. Call `wake()` after raising the limit.
+    `on_change()` runs whenever `active` or `waiting` changes.
     """
 
     def __init__(
         self,
         limit: Callable[[], int | None],
         max_queue: Callable[[], int | None],
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._limit = limit
         self._max_queue = max_queue
+        self._on_change = on_change
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.active = 0
-        self.max_active = 0
 
     @property
     def waiting(self) -> int:
@@ -39,18 +41,19 @@ class GenerationGate:
 
     def _admit(self) -> None:
         self.active += 1
-        self.max_active = max(self.max_active, self.active)
 
     async def acquire(self) -> None:
         """Wait for a free slot; raise ServerBusyError when the queue is full."""
         if not self._waiters and self._has_room():
             self._admit()
+            self._on_change()
             return
         max_queue = self._max_queue()
         if max_queue is not None and len(self._waiters) >= max_queue:
             raise ServerBusyError
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._on_change()
         try:
             await waiter
         except asyncio.CancelledError:
@@ -59,6 +62,7 @@ class GenerationGate:
                 self.release()
             else:
                 self._waiters.remove(waiter)
+                self._on_change()
             raise
 
     def release(self) -> None:
@@ -73,3 +77,4 @@ class GenerationGate:
                 continue
             self._admit()
             waiter.set_result(None)
+        self._on_change()

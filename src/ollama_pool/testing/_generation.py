@@ -33,7 +33,7 @@ class GenerationError(Exception):
 
 @dataclass
 class Outcome:
-    """What a finished generation reports in its final chunk."""
+    """Results of a finished generation, sent in its final chunk."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -161,7 +161,7 @@ async def generate(
     outcome: Outcome,
     executor: Executor,
 ) -> AsyncGenerator[Piece, None]:
-    """Yield the pieces of the answer with the scripted delays; fill `outcome`.
+    """Yield the pieces of the response with the scripted delays; fill `outcome`.
 
     The output stops at options.num_predict pieces with done_reason "length".
     """
@@ -253,6 +253,6 @@ async def _responder_pieces(
             else:
                 raise GenerationError(f"responder failed: {value}") from value
     finally:
-        # NOTE: the worker thread finishes the piece it is computing before it
-        # sees this flag, so a cancelled request holds a thread a little longer.
+        # NOTE: the worker thread checks this flag only between two pieces, so a
+        # cancelled request keeps its thread until the current piece is done.
         cancelled.set()
