@@ -137,6 +137,7 @@ def batch(
     """
     console = Console(stderr=True)
     _configure_logging(console, verbose)
+    _check_paths(input_path, output_path)
     factory = _load_factory(chain_spec)
 
     with contextlib.ExitStack() as stack:
@@ -164,6 +165,8 @@ def batch(
             )
         except (BatchError, ConfigError) as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            raise click.ClickException(f"batch failed: {exc}") from exc
 
     _report(summary, summary_json)
 
@@ -175,6 +178,19 @@ def _configure_logging(console: Console, verbose: int) -> None:
         return
     root.addHandler(RichHandler(console=console, show_path=False))
     root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
+
+
+def _check_paths(input_path: Path, output_path: Path) -> None:
+    if not output_path.parent.is_dir():
+        raise click.BadParameter(
+            f"directory {str(output_path.parent)!r} not found; create it first",
+            param_hint="OUTPUT.jsonl",
+        )
+    if output_path.exists() and output_path.samefile(input_path):
+        raise click.BadParameter(
+            "OUTPUT.jsonl is the input file; choose another output file",
+            param_hint="OUTPUT.jsonl",
+        )
 
 
 def _load_factory(chain_spec: str) -> ChainFactory:
