@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import ollama
 import pytest
+from click.testing import CliRunner
 from langchain_core.tools import tool
 from langchain_ollama import ChatOllama
 from pydantic import BaseModel
@@ -30,6 +31,7 @@ from ollama_pool.testing import (
     StandInServer,
     TokenCounts,
 )
+from ollama_pool.testing.__main__ import load_responder, main, parse_ollama_host
 
 MODEL = "llama3.2"
 HELLO = [{"role": "user", "content": "hello there world"}]
@@ -160,6 +162,38 @@ def test_num_predict_stops_with_length(client: ollama.Client) -> None:
     assert response.eval_count == 2
 
 
+def test_stop_sequence_cuts_reply(client: ollama.Client) -> None:
+    response = client.chat(model=MODEL, messages=HELLO, options={"stop": [" there"]})
+
+    assert response.message.content == "echo: hello"
+    assert response.done_reason == "stop"
+
+
+def test_embedding_model_rejects_chat(
+    server: StandInServer, client: ollama.Client
+) -> None:
+    server.update(models=["nomic-embed-text"])
+
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="nomic-embed-text", messages=HELLO)
+    vectors = client.embed(model="nomic-embed-text", input="text")
+
+    assert caught.value.status_code == 400
+    assert caught.value.error == '"nomic-embed-text" does not support chat'
+    assert len(vectors.embeddings) == 1
+
+
+def test_load_delay_reported_once(server: StandInServer, client: ollama.Client) -> None:
+    server.update(load_delay=0.2)
+
+    first = client.chat(model=MODEL, messages=HELLO)
+    client.chat(model=MODEL, messages=HELLO)
+
+    assert first.load_duration is not None
+    assert first.load_duration >= 200_000_000
+    assert [model.model for model in client.ps().models] == ["llama3.2:latest"]
+
+
 def test_empty_messages_only_load(client: ollama.Client) -> None:
     loaded = client.chat(model=MODEL, messages=[])
     unloaded = client.chat(model=MODEL, messages=[], keep_alive=0)
@@ -207,6 +241,29 @@ def test_tool_calls_then_text(server: StandInServer) -> None:
     assert call.tool_calls[0]["args"] == {"a": 2, "b": 3}
     assert answer.tool_calls == []
     assert answer.content.startswith("echo: ")
+
+
+def test_tool_calls_without_stream(
+    server: StandInServer, client: ollama.Client
+) -> None:
+    server.update(tool_calls=[{"name": "lookup", "arguments": {"key": "x"}}])
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+
+    response = client.chat(model=MODEL, messages=HELLO, tools=tools, stream=False)
+    without_tools = client.chat(model=MODEL, messages=HELLO, stream=False)
+
+    assert response.message.tool_calls is not None
+    assert response.message.tool_calls[0].function.name == "lookup"
+    assert response.message.tool_calls[0].function.arguments == {"key": "x"}
+    assert without_tools.message.tool_calls is None
+
+
+async def test_chat_ollama_ainvoke(server: StandInServer) -> None:
+    llm = ChatOllama(base_url=server.url, model=MODEL)
+
+    message = await llm.ainvoke("async hello")
+
+    assert message.content == "echo: async hello"
 
 
 def test_thinking_streams_before_content(
@@ -281,7 +338,7 @@ def test_version_tags_show_and_root(
     root = httpx.get(server.url)
     head = httpx.head(server.url)
     tags = httpx.get(f"{server.url}/api/tags").json()
-    shown = client.show(MODEL)
+    details = client.show(MODEL)
 
     assert root.text == "Ollama is running"
     assert head.status_code == 200
@@ -299,9 +356,9 @@ def test_version_tags_show_and_root(
         "parameter_size",
         "quantization_level",
     }
-    assert shown.details is not None
-    assert shown.details.family == "llama"
-    assert "completion" in (shown.capabilities or [])
+    assert details.details is not None
+    assert details.details.family == "llama"
+    assert "completion" in (details.capabilities or [])
 
 
 def test_show_missing_model_is_404(client: ollama.Client) -> None:
@@ -560,6 +617,16 @@ def test_raised_parallel_admits_waiting_requests(server: StandInServer) -> None:
     assert server.stats.waiting_requests == 0
 
 
+def test_start_on_busy_port_raises(server: StandInServer) -> None:
+    other = StandInServer(port=server.port)
+
+    with pytest.raises(OSError, match="in use"):
+        other.start()
+
+    assert not other.running
+    assert httpx.get(f"{server.url}/api/version").status_code == 200
+
+
 def test_fleet_serves_each_url() -> None:
     with StandInFleet([Behavior(reply="a"), Behavior(reply="b")]) as fleet:
         replies = [
@@ -572,6 +639,47 @@ def test_fleet_serves_each_url() -> None:
 
 
 # Command line
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, ("127.0.0.1", 11434)),
+        ("", ("127.0.0.1", 11434)),
+        ("127.0.0.1:11435", ("127.0.0.1", 11435)),
+        ("http://127.0.0.1:11436", ("127.0.0.1", 11436)),
+        ("127.0.0.2", ("127.0.0.2", 11434)),
+        (":11437", ("127.0.0.1", 11437)),
+        ("[::1]:11438", ("::1", 11438)),
+    ],
+)
+def test_parse_ollama_host(value: str | None, expected: tuple[str, int]) -> None:
+    assert parse_ollama_host(value) == expected
+
+
+def test_load_responder_calls_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "standin_responder_module.py"
+    module.write_text(
+        "def make():\n"
+        "    def respond(request):\n"
+        "        yield 'from module'\n"
+        "    return respond\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    responder = load_responder("standin_responder_module:make")
+    request = ChatRequest(model=MODEL, messages=HELLO)
+
+    assert list(responder(request)) == ["from module"]
+
+
+def test_version_option() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+
+    assert result.exit_code == 0
+    assert "0.12.3" in result.output
 
 
 def wait_until_listening(url: str, process: subprocess.Popen[str]) -> httpx.Response:

@@ -3,7 +3,7 @@
 `StandInServer` serves the Ollama REST API (chat, generate, embed, pull, tags,
 ps, show, version) on 127.0.0.1 with deterministic text, and can script the
 failures a real server shows: error statuses, a full queue, errors mid-stream,
-dropped connections and stalls. `Behavior` holds that script; a `Responder`
+dropped connections and stalls. `Behavior` is that script; a `Responder`
 replaces the generated text, for example with a real model.
 """
 
@@ -14,7 +14,6 @@ from ollama_pool.testing._behavior import (
     Responder,
     TokenCounts,
 )
-from ollama_pool.testing._catalog import normalize_model
 from ollama_pool.testing._server import StandInFleet, StandInServer
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "StandInFleet",
     "StandInServer",
     "TokenCounts",
-    "normalize_model",
 ]

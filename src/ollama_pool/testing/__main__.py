@@ -104,14 +104,15 @@ def _wait_for_stop_signal() -> int:
 
 def _behavior(
     models: tuple[str, ...],
-    first_token_delay: float,
-    token_delay: float,
+    delays: tuple[float, float, float],
     parallel: int | None,
     max_queue: int | None,
     responder: str | None,
 ) -> Behavior:
+    load_delay, first_token_delay, token_delay = delays
     return Behavior(
         models=list(models or (DEFAULT_MODEL,)),
+        load_delay=load_delay,
         first_token_delay=first_token_delay,
         token_delay=token_delay,
         parallel=parallel,
@@ -128,6 +129,13 @@ _model_option = click.option(
     help="Model the server has from the start; repeat for several "
     f"[default: {DEFAULT_MODEL}]. Models pulled into the models directory are "
     "listed too.",
+)
+_load_delay_option = click.option(
+    "--load-delay",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds to load a model at its first request or after keep_alive ends.",
 )
 _first_token_delay_option = click.option(
     "--first-token-delay",
@@ -161,11 +169,13 @@ def main() -> None:
 
 @main.command()
 @_model_option
+@_load_delay_option
 @_first_token_delay_option
 @_token_delay_option
 @_responder_option
 def serve(
     models: tuple[str, ...],
+    load_delay: float,
     first_token_delay: float,
     token_delay: float,
     responder: str | None,
@@ -183,8 +193,7 @@ def serve(
     models_dir = Path(os.environ.get("OLLAMA_MODELS") or DEFAULT_MODELS_DIR)
     behavior = _behavior(
         models,
-        first_token_delay,
-        token_delay,
+        (load_delay, first_token_delay, token_delay),
         _env_int("OLLAMA_NUM_PARALLEL", None),
         _env_int("OLLAMA_MAX_QUEUE", DEFAULT_MAX_QUEUE),
         responder,
@@ -242,6 +251,7 @@ def _parse_ports(values: tuple[str, ...]) -> list[int]:
     default=DEFAULT_MAX_QUEUE,
     help="Requests that may wait per server before new ones get 503.",
 )
+@_load_delay_option
 @_first_token_delay_option
 @_token_delay_option
 @_responder_option
@@ -260,6 +270,7 @@ def fleet(
     models: tuple[str, ...],
     parallel: int | None,
     max_queue: int,
+    load_delay: float,
     first_token_delay: float,
     token_delay: float,
     responder: str | None,
@@ -275,8 +286,7 @@ def fleet(
     behaviors = [
         _behavior(
             models,
-            first_token_delay,
-            token_delay,
+            (load_delay, first_token_delay, token_delay),
             parallel,
             max_queue,
             responder,

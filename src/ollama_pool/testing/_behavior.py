@@ -72,7 +72,8 @@ class Behavior:
     # None: "echo: " plus the last user message; a str; or a function of the
     # messages that returns the reply.
     reply: str | ReplyFunction | None = None
-    # Text streamed as `thinking` before the reply when the request sets `think`.
+    # Text streamed as `thinking` before the reply when the request sets `think`;
+    # with None, such requests get no thinking (a real server rejects them).
     thinking: str | None = None
     # Tool calls ({"name", "arguments"}) returned when the request has tools and
     # its last message is not a tool result.

@@ -107,17 +107,34 @@ def sample_json(schema: Any, text: str, defs: dict[str, Any] | None = None) -> A
 
 
 def reply_text(behavior: Behavior, request: ChatRequest) -> str:
+    """Return the scripted reply, cut before the first options.stop sequence."""
     reply = behavior.reply
     if isinstance(reply, str):
-        return reply
-    if reply is not None:
-        return reply(request.messages)
+        text = reply
+    elif reply is not None:
+        text = reply(request.messages)
+    else:
+        text = _default_formatted_reply(request)
+    return cut_at_stop(text, request.options.get("stop"))
+
+
+def _default_formatted_reply(request: ChatRequest) -> str:
     text = default_reply(request.messages)
     if request.format == "json":
         return json.dumps({"reply": text})
     if isinstance(request.format, dict):
         return json.dumps(sample_json(request.format, text))
     return text
+
+
+def cut_at_stop(text: str, stop: Any) -> str:
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list):
+        return text
+    positions = [text.find(item) for item in stop if isinstance(item, str) and item]
+    found = [position for position in positions if position >= 0]
+    return text[: min(found)] if found else text
 
 
 def wants_tool_calls(behavior: Behavior, request: ChatRequest) -> bool:

@@ -147,9 +147,17 @@ class StandInServer:
     # Lifecycle
 
     def start(self) -> StandInServer:
-        """Start listening; return once the socket accepts connections."""
+        """Start listening; return once the socket accepts connections.
+
+        Raises OSError when the port cannot be bound.
+        """
         self._loop_thread.start()
-        self._loop_thread.run(self.astart())
+        try:
+            self._loop_thread.run(self.astart())
+        except BaseException:
+            if self._owns_loop:
+                self._loop_thread.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -168,6 +176,7 @@ class StandInServer:
         """Start listening; call this on the loop thread."""
         if self._runner is not None:
             return
+        sock = self._bind()
         self._app.stopping = asyncio.Event()
         self._app.executor = _new_executor()
         runner = web.AppRunner(
@@ -179,7 +188,7 @@ class StandInServer:
             shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
-        site = web.SockSite(runner, self._bind())
+        site = web.SockSite(runner, sock)
         await site.start()
         self._runner = runner
         logger.info("stand-in server listening on %s", self.url)
