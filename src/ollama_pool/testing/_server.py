@@ -251,8 +251,9 @@ class StandInFleet:
         access_log: logging.Logger | None = None,
     ) -> None:
         if isinstance(servers, int):
+            template = behavior or Behavior()
             behaviors = [
-                dataclasses.replace(behavior) if behavior else Behavior()
+                dataclasses.replace(template, models=list(template.models))
                 for _ in range(servers)
             ]
         else:
