@@ -33,7 +33,6 @@ from ollama_pool._errors import (
     ConfigError,
     IncompleteResponseError,
     NoInstanceError,
-    OllamaPoolError,
     PoolClosedError,
     StreamInterruptedError,
 )
@@ -69,15 +68,12 @@ class _Wait:
 class _Attempt:
     """One reserved slot on one instance; released exactly once."""
 
-    __slots__ = ("at_busy_limit", "instance", "released", "started")
+    __slots__ = ("instance", "released", "started")
 
-    def __init__(self, instance: Instance, at_busy_limit: bool):
+    def __init__(self, instance: Instance):
         self.instance = instance
         self.started = time.monotonic()
         self.released = False
-        # The attempt took the last slot under the instance's busy limit, so its
-        # success shows the limit may grow.
-        self.at_busy_limit = at_busy_limit
 
 
 class _Plan:
@@ -95,9 +91,6 @@ class _Plan:
         self.descriptions: list[str] = []
         self.tried_in_round: set[int] = set()
         self.round = 1
-        self.recorded = False
-        # Set after a failure that the retry budget pays for (see `RetryBudget`).
-        self.retry_needs_budget = False
 
     def fail(self, reason: str = "") -> AllAttemptsFailedError:
         return AllAttemptsFailedError(self.attempts, reason, self.descriptions)
@@ -108,9 +101,18 @@ class _Plan:
             if pool._closed:
                 raise PoolClosedError("the pool is closed; create a new one")
             now = time.monotonic()
-            candidates = pool._candidates(self.model, now)
+            candidates = [i for i in pool.instances if i.serves(self.model)]
+            if self.model and all(i.model != self.model for i in pool.instances):
+                # No instance is configured with this model (an embedding model
+                # next to chat models, say), but any of them may have it pulled:
+                # try those that have not answered 404 for it.
+                candidates = [
+                    i for i in pool.instances if self.model not in i.missing_models
+                ]
             if not candidates:
-                raise self._no_instance()
+                if self.attempts and self.model is None:
+                    raise self.fail()
+                raise NoInstanceError(self.model, [i.url for i in pool.instances])
             untried = [i for i in candidates if i.index not in self.tried_in_round]
             in_rotation = [i for i in untried if pool._in_rotation(i, now)]
             if not in_rotation and untried:
@@ -123,44 +125,29 @@ class _Plan:
             with_capacity = [i for i in in_rotation if i.has_capacity()]
             if not with_capacity or not pool._has_total_capacity():
                 return _Wait(seconds=1.0, for_slot=True, version=pool._version)
-            if self.retry_needs_budget:
-                if not pool._budget.try_spend(now):
-                    return self._end_round("retry budget exhausted")
-                self.retry_needs_budget = False
-            if not self.recorded:
+            if self.attempts and not pool._budget.try_spend(now):
+                raise self.fail("retry budget exhausted")
+            if not self.attempts:
                 pool._budget.record_request(now)
-                self.recorded = True
-            return pool._reserve_slot(pool._balancer.pick(with_capacity), self)
+            instance = pool._balancer.pick(with_capacity)
+            instance.in_flight += 1
+            instance.requests += 1
+            pool._in_flight += 1
+            self.tried_in_round.add(instance.index)
+            return _Attempt(instance)
 
-    def _no_instance(self) -> OllamaPoolError:
-        """Build the error for a request that no instance may serve now."""
-        urls = [i.url for i in self.pool.instances]
-        if self.attempts and self.model is None:
-            return self.fail()
-        error = NoInstanceError(self.model, urls)
-        if self.attempts:
-            error.__cause__ = self.attempts[-1][1]
-        return error
-
-    def _end_round(self, reason: str = "") -> _Wait:
-        """Start the next round after a backoff wait, or raise if none is left.
-
-        `reason` is set when the round ends early because the retry budget is
-        spent; the request then waits like after a failed round, so a short
-        burst of failures costs time rather than answers.
-        """
+    def _end_round(self) -> _Wait:
         if self.round > self.pool.max_retries:
-            raise self.fail(reason)
+            raise self.fail()
         self.round += 1
         self.tried_in_round.clear()
         delay = backoff_delay(
             self.round, self.pool.backoff_base, self.pool.backoff_max, self.pool._rng
         )
-        logger.debug(
-            "Round %d for model %s ended (%s); retrying in %.2f s",
-            self.round - 1,
+        logger.info(
+            "Every instance for model %s failed in round %d; retrying in %.2f s",
             self.model,
-            reason or "every instance was tried",
+            self.round - 1,
             delay,
         )
         return _Wait(seconds=delay)
@@ -174,25 +161,6 @@ class OllamaPool:
     one: each takes a function that sends the request to a given `Instance`.
     The health monitor starts with the first request and stops on `close()`,
     `aclose()` or at the end of a `with` / `async with` block.
-
-    How the pool survives failing instances:
-
-    - A failed attempt is retried on another instance; a stream is retried only
-      while no chunk has reached the caller.
-    - An instance that refuses connections or times out leaves the rotation at
-      once; one that answers errors leaves after `eject_after_failures` failures
-      in a row. Ejections grow longer while they repeat. When the ejection time
-      has passed and a probe of GET /api/version succeeds, the instance returns
-      on probation: one request at a time until one succeeds, because a server
-      that stalls mid-answer still answers probes.
-    - When every instance is ejected, requests go to the one that failed longest
-      ago rather than failing at once.
-    - A "server busy" answer (503, or 429) is overload, not failure: the instance
-      stays in rotation but gets at most as many requests at once as it had
-      accepted (its busy limit), and the limit grows by about one each time that
-      many requests succeed at it.
-    - An instance that answers 404 for a model gets no more requests for it until
-      a probe finds it in GET /api/tags or `max_ejection_time` has passed.
 
     Args:
         instances: base URLs (`"http://127.0.0.1:11434"`), dicts with `base_url`,
@@ -216,16 +184,15 @@ class OllamaPool:
             the server's OLLAMA_NUM_PARALLEL); None for no limit. Requests beyond
             the limit wait in the pool, not in the server.
         max_in_flight: requests in flight across the whole pool; None for no limit.
-        eject_after_failures: error answers in a row that eject an instance.
+        eject_after_failures: consecutive failures that eject an instance.
         base_ejection_time: seconds of the first ejection; the n-th ejection in a
             row lasts n times as long, up to `max_ejection_time`. Defaults to
             `health_check_interval`, or 5 seconds without a monitor.
         max_ejection_time: cap of one ejection, in seconds.
         backoff_base, backoff_max: seconds of the first wait between retry rounds
             and the cap; each round doubles the wait, with jitter.
-        retry_budget_ratio, retry_budget_min: retries after failures within 10
-            seconds stay below `retry_budget_min + retry_budget_ratio * requests`;
-            see `RetryBudget` for what happens when the budget is spent.
+        retry_budget_ratio, retry_budget_min: retries within 10 seconds stay
+            below `retry_budget_min + retry_budget_ratio * requests`.
         probe_timeout: seconds a health probe may take.
         seed: seed of the random choices, for reproducible tests.
     """
@@ -242,7 +209,7 @@ class OllamaPool:
         read_timeout: float = 300.0,
         max_in_flight_per_instance: int | None = None,
         max_in_flight: int | None = None,
-        eject_after_failures: int = 3,
+        eject_after_failures: int = 1,
         base_ejection_time: float | None = None,
         max_ejection_time: float = 300.0,
         backoff_base: float = 0.5,
@@ -337,21 +304,15 @@ class OllamaPool:
         plan = _Plan(self, model)
         while True:
             attempt = self._reserve(plan)
-            try:
-                iterator = open_stream(attempt.instance)
-            except BaseException as exc:
-                self._after_failure(plan, attempt, exc)
-                continue
+            iterator = open_stream(attempt.instance)
             try:
                 first = next(iterator)
             except StopIteration:
                 self._after_failure(plan, attempt, _empty_stream(attempt.instance))
                 continue
             except BaseException as exc:
-                try:
-                    _close_quietly(iterator)
-                finally:
-                    self._after_failure(plan, attempt, exc)
+                _close_quietly(iterator)
+                self._after_failure(plan, attempt, exc)
                 continue
             break
         yield from self._deliver(attempt, iterator, first, is_final)
@@ -368,22 +329,15 @@ class OllamaPool:
         plan = _Plan(self, model)
         while True:
             attempt = await self._areserve(plan)
-            try:
-                iterator = open_stream(attempt.instance)
-            except BaseException as exc:
-                self._after_failure(plan, attempt, exc)
-                continue
+            iterator = open_stream(attempt.instance)
             try:
                 first = await iterator.__anext__()
             except StopAsyncIteration:
                 self._after_failure(plan, attempt, _empty_stream(attempt.instance))
                 continue
             except BaseException as exc:
-                # The slot is released even if closing is cancelled in turn.
-                try:
-                    await _aclose_quietly(iterator)
-                finally:
-                    self._after_failure(plan, attempt, exc)
+                await _aclose_quietly(iterator)
+                self._after_failure(plan, attempt, exc)
                 continue
             break
         chunks = 0
