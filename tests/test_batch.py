@@ -28,6 +28,7 @@ from ollama_pool.batch import (
     BatchOptions,
     OutputLockedError,
     arun_batch,
+    default_workers,
     prepare_output,
     redact_urls,
 )
@@ -527,6 +528,68 @@ async def test_second_run_on_same_output_is_rejected(tmp_path: Path) -> None:
     assert started
     assert summary.stats.answered == 2
     assert len(read_lines(tmp_path / "out.jsonl")) == 2
+
+
+def test_prepare_output_removes_stale_temp_file(tmp_path: Path) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"id": "a", "answer": "x"}) + "\n")
+    stale = tmp_path / ".out.jsonl.abc123.tmp"
+    stale.write_text("half a rewrite")
+    unrelated = tmp_path / ".other.jsonl.abc123.tmp"
+    unrelated.write_text("another output's rewrite")
+
+    prepare_output(output)
+
+    assert not stale.exists()
+    assert unrelated.exists()
+    assert [line["id"] for line in read_lines(output)] == ["a"]
+
+
+def test_default_workers_from_config_or_instances() -> None:
+    pool = OllamaPool(
+        ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"],
+        model=MODEL,
+        health_check_interval=0,
+    )
+    try:
+        assert default_workers(pool) == 6
+        assert default_workers(pool, 5) == 5
+    finally:
+        pool.close()
+
+
+async def test_two_model_calls_add_up_tokens(
+    tmp_path: Path, start_servers: StartServers
+) -> None:
+    servers = start_servers(2)
+    pool = fast_pool([server.url for server in servers])
+    llm = PooledChatOllama(pool=pool, model=MODEL, temperature=0)
+    ask_twice = echo_chain(llm) | RunnableLambda(lambda text: {"question": text})
+    chain = ask_twice | echo_chain(llm)
+    write_records(tmp_path / "in.jsonl", 2)
+    options = BatchOptions(
+        tmp_path / "in.jsonl", tmp_path / "out.jsonl", workers=1, handle_signals=False
+    )
+    try:
+        summary = await arun_batch(chain, options, pool=pool)
+    finally:
+        await llm.aclose()
+        pool.close()
+
+    lines = read_lines(tmp_path / "out.jsonl")
+    assert [line["answer"] for line in lines] == [
+        "echo: echo: question 0",
+        "echo: echo: question 1",
+    ]
+    for line in lines:
+        assert line["model_calls"] == 2
+        assert line["input_tokens"] > 0
+        assert line["total_tokens"] == line["input_tokens"] + line["output_tokens"]
+    assert chat_requests(servers) == 4
+    calls = sum(row["model_calls"] for row in summary.instances())
+    assert calls == 4
+    records = sum(row["records"] for row in summary.instances())
+    assert records == 2
 
 
 def test_redact_urls_masks_passwords() -> None:

@@ -8,6 +8,7 @@ torn last line, and the next run truncates it.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ def prepare_output(path: Path, *, retry_errors: bool = False) -> OutputState:
        this run can be appended and each id still appears once.
     """
     state = OutputState()
+    _remove_stale_temp_files(path)
     if not path.exists():
         return state
     state.torn_bytes_removed = truncate_torn_tail(path)
@@ -137,10 +139,24 @@ def truncate_torn_tail(path: Path) -> int:
     return size - end
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete the temporary files of a rewrite that a killed run left behind.
+
+    Only safe while holding the `OutputLock` of `path`.
+    """
+    for stale in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp"):
+        logger.info("Removing %s, left by a run killed during a rewrite", stale)
+        stale.unlink(missing_ok=True)
+
+
 def _rewrite_keeping(path: Path, kept_indexes: set[int]) -> None:
-    """Replace `path` atomically by a copy holding only the lines in `kept_indexes`."""
+    """Replace `path` atomically by a copy with only the lines in `kept_indexes`."""
     descriptor, temp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent
     )
     try:
         with os.fdopen(descriptor, "wb") as temp, path.open("rb") as source:
