@@ -4,6 +4,9 @@
 LangChain chat model and a drop-in replacement for `langchain_ollama.ChatOllama`.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ollama_pool._config import InstanceConfig, PoolConfig, load_config, parse_config
 from ollama_pool._errors import (
     AllAttemptsFailedError,
@@ -15,9 +18,27 @@ from ollama_pool._errors import (
     StreamInterruptedError,
 )
 from ollama_pool._instance import Instance
-from ollama_pool._langchain import PooledChatOllama
 from ollama_pool._pool import OllamaPool
 from ollama_pool._urls import normalize_model, redact_url
+
+if TYPE_CHECKING:
+    from ollama_pool._langchain import PooledChatOllama
+
+# Names whose modules import LangChain or LlamaIndex, which take seconds to load.
+# They load on first access, so that the stand-in server and the command line
+# start fast.
+_LAZY_NAMES = {
+    "PooledChatOllama": "ollama_pool._langchain",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'ollama_pool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AllAttemptsFailedError",
