@@ -7,6 +7,7 @@ expected answer of each record is known.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -32,6 +33,8 @@ from ollama_pool.batch import (
     prepare_output,
     redact_urls,
 )
+from ollama_pool.batch import _runner as batch_runner
+from ollama_pool.batch._records import iter_input
 from ollama_pool.cli import main
 from ollama_pool.testing import StandInServer
 
@@ -125,8 +128,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def run_cli(*args: str) -> Any:
-    return CliRunner().invoke(main, ["batch", *args, "--no-progress"])
+def run_cli(*args: str, progress: bool = False) -> Any:
+    flag = "--progress" if progress else "--no-progress"
+    return CliRunner().invoke(main, ["batch", *args, flag])
 
 
 def start_batch_process(workdir: Path, *args: str) -> subprocess.Popen[str]:
@@ -204,9 +208,11 @@ def test_batch_answers_every_record(workdir: Path, start_servers: StartServers) 
         CHAIN_SPEC,
         "--summary-json",
         "summary.json",
+        progress=True,
     )
 
     assert result.exit_code == 0, result.output
+    assert "12/12" in result.stderr
     lines = read_lines(workdir / "out.jsonl")
     assert sorted(line["id"] for line in lines) == sorted(ids)
     for line in lines:
@@ -590,6 +596,43 @@ async def test_two_model_calls_add_up_tokens(
     assert calls == 4
     records = sum(row["records"] for row in summary.instances())
     assert records == 2
+
+
+async def test_reader_stays_bounded_ahead_of_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workers = 2
+    write_records(tmp_path / "in.jsonl", 300)
+    read = 0
+    completed = 0
+    max_ahead = 0
+
+    def counting_iter_input(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        nonlocal read
+        for item in iter_input(*args, **kwargs):
+            read += 1
+            yield item
+
+    async def answer(record: dict[str, Any]) -> str:
+        nonlocal completed, max_ahead
+        max_ahead = max(max_ahead, read - completed)
+        await asyncio.sleep(0)
+        completed += 1
+        return "done"
+
+    monkeypatch.setattr(batch_runner, "iter_input", counting_iter_input)
+    options = BatchOptions(
+        tmp_path / "in.jsonl",
+        tmp_path / "out.jsonl",
+        workers=workers,
+        handle_signals=False,
+    )
+    summary = await arun_batch(RunnableLambda(answer), options)
+
+    assert summary.stats.answered == 300
+    # The queue holds 2 * workers records, each worker runs one, and the
+    # reader holds one while it waits for room in the queue.
+    assert max_ahead <= 3 * workers + 1
 
 
 def test_redact_urls_masks_passwords() -> None:
