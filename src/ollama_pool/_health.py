@@ -1,8 +1,14 @@
-"""The health monitor: probes every instance with GET /api/version."""
+"""The health monitor: probes every instance with GET /api/version.
+
+Probes never generate text. An instance with models marked missing (it answered
+404 for them) is also asked for GET /api/tags, so that a model pulled later is
+used again without waiting for the mark to expire.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -15,6 +21,9 @@ if TYPE_CHECKING:
     from ollama_pool._pool import OllamaPool
 
 logger = logging.getLogger(__name__)
+
+# Errors of a failed or malformed /api/tags answer.
+_LISTING_ERRORS = (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError)
 
 
 class HealthMonitor:
@@ -54,10 +63,9 @@ class HealthMonitor:
         """Make the monitor re-check its schedule now, for example after an ejection."""
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None and not loop.is_closed():
-            try:
+            # RuntimeError: the loop closed in between.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # The loop closed in between.
-                pass
 
     def stop(self) -> None:
         """Stop the thread and close its connections; returns when both are done."""
@@ -84,10 +92,8 @@ class HealthMonitor:
                     continue
                 delay = self._seconds_to_next(time.monotonic())
                 self._wake.clear()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
 
     def _due_instances(self, now: float) -> list[Instance]:
         with self._pool._lock:
@@ -120,3 +126,33 @@ class HealthMonitor:
         except httpx.HTTPError as exc:
             reason = f"probe GET /api/version failed: {type(exc).__name__}: {exc}"
         self._pool._record_probe(instance, reason)
+        if not reason and instance.missing_models:
+            await self._check_models(client, instance)
+
+    async def _check_models(
+        self, client: httpx.AsyncClient, instance: Instance
+    ) -> None:
+        """Ask /api/tags which models `instance` has and drop stale 404 marks."""
+        try:
+            response = await client.get(
+                f"{instance.plain_url}/api/tags", auth=instance.auth
+            )
+            response.raise_for_status()
+            entries = response.json().get("models") or []
+            names = [entry["name"] for entry in entries if entry.get("name")]
+        except (
+            httpx.HTTPError,
+            ValueError,
+            AttributeError,
+            KeyError,
+            TypeError,
+        ) as exc:
+            # The 404 marks stay; they expire on their own (see OllamaPool).
+            logger.debug(
+                "Listing the models of %s failed: %s: %s",
+                instance.url,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self._pool._record_models(instance, names)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -33,6 +34,7 @@ from ollama_pool._errors import (
     ConfigError,
     IncompleteResponseError,
     NoInstanceError,
+    OllamaPoolError,
     PoolClosedError,
     StreamInterruptedError,
 )
@@ -68,12 +70,15 @@ class _Wait:
 class _Attempt:
     """One reserved slot on one instance; released exactly once."""
 
-    __slots__ = ("instance", "released", "started")
+    __slots__ = ("at_busy_limit", "instance", "released", "started")
 
-    def __init__(self, instance: Instance):
+    def __init__(self, instance: Instance, at_busy_limit: bool):
         self.instance = instance
         self.started = time.monotonic()
         self.released = False
+        # The attempt took the last slot under the instance's busy limit, so its
+        # success shows the limit may grow.
+        self.at_busy_limit = at_busy_limit
 
 
 class _Plan:
@@ -91,6 +96,9 @@ class _Plan:
         self.descriptions: list[str] = []
         self.tried_in_round: set[int] = set()
         self.round = 1
+        self.recorded = False
+        # Set after a failure that the retry budget pays for (see `RetryBudget`).
+        self.retry_needs_budget = False
 
     def fail(self, reason: str = "") -> AllAttemptsFailedError:
         return AllAttemptsFailedError(self.attempts, reason, self.descriptions)
@@ -101,53 +109,59 @@ class _Plan:
             if pool._closed:
                 raise PoolClosedError("the pool is closed; create a new one")
             now = time.monotonic()
-            candidates = [i for i in pool.instances if i.serves(self.model)]
-            if self.model and all(i.model != self.model for i in pool.instances):
-                # No instance is configured with this model (an embedding model
-                # next to chat models, say), but any of them may have it pulled:
-                # try those that have not answered 404 for it.
-                candidates = [
-                    i for i in pool.instances if self.model not in i.missing_models
-                ]
+            candidates = pool._candidates(self.model, now)
             if not candidates:
-                if self.attempts and self.model is None:
-                    raise self.fail()
-                raise NoInstanceError(self.model, [i.url for i in pool.instances])
+                raise self._no_instance()
             untried = [i for i in candidates if i.index not in self.tried_in_round]
             in_rotation = [i for i in untried if pool._in_rotation(i, now)]
-            if not in_rotation and untried:
-                if not any(pool._in_rotation(i, now) for i in candidates):
-                    # Every instance for this model is ejected: rather than fail at
-                    # once, try the one whose last failure is oldest.
-                    in_rotation = [min(untried, key=lambda i: i.last_failure_at)]
+            all_ejected = not any(pool._in_rotation(i, now) for i in candidates)
+            if not in_rotation and untried and all_ejected:
+                # Every instance for this model is ejected: rather than fail at
+                # once, try the one whose last failure is oldest.
+                in_rotation = [min(untried, key=lambda i: i.last_failure_at)]
             if not in_rotation:
                 return self._end_round()
             with_capacity = [i for i in in_rotation if i.has_capacity()]
             if not with_capacity or not pool._has_total_capacity():
                 return _Wait(seconds=1.0, for_slot=True, version=pool._version)
-            if self.attempts and not pool._budget.try_spend(now):
-                raise self.fail("retry budget exhausted")
-            if not self.attempts:
+            if self.retry_needs_budget:
+                if not pool._budget.try_spend(now):
+                    return self._end_round("retry budget exhausted")
+                self.retry_needs_budget = False
+            if not self.recorded:
                 pool._budget.record_request(now)
-            instance = pool._balancer.pick(with_capacity)
-            instance.in_flight += 1
-            instance.requests += 1
-            pool._in_flight += 1
-            self.tried_in_round.add(instance.index)
-            return _Attempt(instance)
+                self.recorded = True
+            return pool._reserve_slot(pool._balancer.pick(with_capacity), self)
 
-    def _end_round(self) -> _Wait:
+    def _no_instance(self) -> OllamaPoolError:
+        """Build the error for a request that no instance may serve now."""
+        urls = [i.url for i in self.pool.instances]
+        if self.attempts and self.model is None:
+            return self.fail()
+        error = NoInstanceError(self.model, urls)
+        if self.attempts:
+            error.__cause__ = self.attempts[-1][1]
+        return error
+
+    def _end_round(self, reason: str = "") -> _Wait:
+        """Start the next round after a backoff wait, or raise if none is left.
+
+        `reason` is set when the round ends early because the retry budget is
+        spent; the request then waits like after a failed round, so a short
+        burst of failures costs latency rather than failed requests.
+        """
         if self.round > self.pool.max_retries:
-            raise self.fail()
+            raise self.fail(reason)
         self.round += 1
         self.tried_in_round.clear()
         delay = backoff_delay(
             self.round, self.pool.backoff_base, self.pool.backoff_max, self.pool._rng
         )
-        logger.info(
-            "Every instance for model %s failed in round %d; retrying in %.2f s",
-            self.model,
+        logger.debug(
+            "Round %d for model %s ended (%s); retrying in %.2f s",
             self.round - 1,
+            self.model,
+            reason or "every instance was tried",
             delay,
         )
         return _Wait(seconds=delay)
@@ -161,6 +175,25 @@ class OllamaPool:
     one: each takes a function that sends the request to a given `Instance`.
     The health monitor starts with the first request and stops on `close()`,
     `aclose()` or at the end of a `with` / `async with` block.
+
+    How the pool survives failing instances:
+
+    - A failed attempt is retried on another instance; a stream is retried only
+      while no chunk has reached the caller.
+    - An instance that refuses connections or times out leaves the rotation at
+      once; one that returns errors leaves after `eject_after_failures` failures
+      in a row. Ejections grow longer while they repeat. When the ejection time
+      has passed and a probe of GET /api/version succeeds, the instance returns
+      on probation: one request at a time until one succeeds, because a server
+      that stalls mid-answer still answers probes.
+    - When every instance is ejected, requests go to the one that failed longest
+      ago rather than failing at once.
+    - A "server busy" answer (503, or 429) is overload, not failure: the instance
+      stays in rotation but gets at most as many requests at once as it had
+      accepted (its busy limit), and the limit grows by about one each time that
+      many requests succeed at it.
+    - An instance that answers 404 for a model gets no more requests for it until
+      a probe finds it in GET /api/tags or `max_ejection_time` has passed.
 
     Args:
         instances: base URLs (`"http://127.0.0.1:11434"`), dicts with `base_url`,
@@ -184,15 +217,16 @@ class OllamaPool:
             the server's OLLAMA_NUM_PARALLEL); None for no limit. Requests beyond
             the limit wait in the pool, not in the server.
         max_in_flight: requests in flight across the whole pool; None for no limit.
-        eject_after_failures: consecutive failures that eject an instance.
+        eject_after_failures: error answers in a row that eject an instance.
         base_ejection_time: seconds of the first ejection; the n-th ejection in a
             row lasts n times as long, up to `max_ejection_time`. Defaults to
             `health_check_interval`, or 5 seconds without a monitor.
         max_ejection_time: cap of one ejection, in seconds.
         backoff_base, backoff_max: seconds of the first wait between retry rounds
             and the cap; each round doubles the wait, with jitter.
-        retry_budget_ratio, retry_budget_min: retries within 10 seconds stay
-            below `retry_budget_min + retry_budget_ratio * requests`.
+        retry_budget_ratio, retry_budget_min: retries after failures within 10
+            seconds stay below `retry_budget_min + retry_budget_ratio * requests`;
+            see `RetryBudget` for what happens when the budget is spent.
         probe_timeout: seconds a health probe may take.
         seed: seed of the random choices, for reproducible tests.
     """
@@ -209,7 +243,7 @@ class OllamaPool:
         read_timeout: float = 300.0,
         max_in_flight_per_instance: int | None = None,
         max_in_flight: int | None = None,
-        eject_after_failures: int = 1,
+        eject_after_failures: int = 3,
         base_ejection_time: float | None = None,
         max_ejection_time: float = 300.0,
         backoff_base: float = 0.5,
@@ -273,7 +307,7 @@ class OllamaPool:
     async def acall(
         self, send: Callable[[Instance], Awaitable[T]], *, model: str | None = None
     ) -> T:
-        """Await `send(instance)` on a chosen instance, retrying elsewhere on failure."""
+        """Await `send(instance)` on a chosen instance; retry elsewhere on failure."""
         self._start_monitor()
         plan = _Plan(self, model)
         while True:
@@ -304,15 +338,21 @@ class OllamaPool:
         plan = _Plan(self, model)
         while True:
             attempt = self._reserve(plan)
-            iterator = open_stream(attempt.instance)
+            try:
+                iterator = open_stream(attempt.instance)
+            except BaseException as exc:
+                self._after_failure(plan, attempt, exc)
+                continue
             try:
                 first = next(iterator)
             except StopIteration:
                 self._after_failure(plan, attempt, _empty_stream(attempt.instance))
                 continue
             except BaseException as exc:
-                _close_quietly(iterator)
-                self._after_failure(plan, attempt, exc)
+                try:
+                    _close_quietly(iterator)
+                finally:
+                    self._after_failure(plan, attempt, exc)
                 continue
             break
         yield from self._deliver(attempt, iterator, first, is_final)
@@ -329,15 +369,22 @@ class OllamaPool:
         plan = _Plan(self, model)
         while True:
             attempt = await self._areserve(plan)
-            iterator = open_stream(attempt.instance)
+            try:
+                iterator = open_stream(attempt.instance)
+            except BaseException as exc:
+                self._after_failure(plan, attempt, exc)
+                continue
             try:
                 first = await iterator.__anext__()
             except StopAsyncIteration:
                 self._after_failure(plan, attempt, _empty_stream(attempt.instance))
                 continue
             except BaseException as exc:
-                await _aclose_quietly(iterator)
-                self._after_failure(plan, attempt, exc)
+                # The slot is released even if closing is cancelled in turn.
+                try:
+                    await _aclose_quietly(iterator)
+                finally:
+                    self._after_failure(plan, attempt, exc)
                 continue
             break
         chunks = 0
@@ -462,6 +509,18 @@ class OllamaPool:
                     if (loop, future) in self._async_waiters:
                         self._async_waiters.remove((loop, future))
 
+    def _reserve_slot(self, instance: Instance, plan: _Plan) -> _Attempt:
+        """Count a new attempt on `instance`; the caller holds the lock."""
+        instance.in_flight += 1
+        instance.requests += 1
+        self._in_flight += 1
+        plan.tried_in_round.add(instance.index)
+        busy_limit = instance.busy_limit
+        at_busy_limit = busy_limit is not None and instance.in_flight >= max(
+            1, math.floor(busy_limit)
+        )
+        return _Attempt(instance, at_busy_limit)
+
     def _release(self, attempt: _Attempt) -> None:
         with self._lock:
             if attempt.released:
@@ -469,13 +528,34 @@ class OllamaPool:
             attempt.released = True
             attempt.instance.in_flight -= 1
             self._in_flight -= 1
-            self._version += 1
-            self._slot_released.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
+            waiters = self._slots_changed()
         _wake_async_waiters(waiters)
+
+    def _slots_changed(self) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
+        """Wake the threads waiting for a slot; return the async waiters to wake.
+
+        The caller holds the lock and wakes the returned waiters after releasing
+        it, with `_wake_async_waiters`.
+        """
+        self._version += 1
+        self._slot_released.notify_all()
+        waiters, self._async_waiters = self._async_waiters, []
+        return waiters
 
     def _has_total_capacity(self) -> bool:
         return self.max_in_flight is None or self._in_flight < self.max_in_flight
+
+    def _candidates(self, model: str | None, now: float) -> list[Instance]:
+        """Return the instances a request for `model` may go to.
+
+        The caller holds the lock.
+        """
+        if model is not None and all(i.model != model for i in self.instances):
+            # No instance is configured with this model (an embedding model next
+            # to chat models, say), but any of them may have it pulled: try those
+            # that have not answered 404 for it.
+            return [i for i in self.instances if not i.lacks(model, now)]
+        return [i for i in self.instances if i.serves(model, now)]
 
     # -- Outcomes -----------------------------------------------------------------
 
@@ -492,30 +572,55 @@ class OllamaPool:
                 instance.latency_ewma += _EWMA_WEIGHT * (
                     elapsed - instance.latency_ewma
                 )
-            returned = not instance.healthy
+            grew = attempt.at_busy_limit and self._grow_busy_limit(instance)
+            # Case 1: a request sent while the instance was ejected (every
+            # instance was) succeeded, so it serves again. A request sent before
+            # the ejection does not cut the ejection short.
+            returned = not instance.healthy and attempt.started >= instance.ejected_at
+            # Case 2: the trial request of a returned instance succeeded.
+            trial_passed = instance.healthy and instance.on_probation
+            waiters = []
             if returned:
-                self._return_to_rotation(instance)
+                self._return_to_rotation(instance, probation=False)
+            instance.on_probation = False
+            if returned or trial_passed or grew:
+                waiters = self._slots_changed()
+        _wake_async_waiters(waiters)
         if returned:
             logger.info(
                 "Instance %s is back in rotation: a request succeeded", instance.url
+            )
+        elif trial_passed:
+            logger.info(
+                "Instance %s passed its trial request and takes full load again",
+                instance.url,
             )
 
     def _after_failure(
         self, plan: _Plan, attempt: _Attempt, exc: BaseException
     ) -> None:
         """Record a failed attempt; re-raise `exc` unless another attempt may fix it."""
-        self._release(attempt)
         kind = classify(exc)
         if kind in (Failure.CLIENT, Failure.NOT_OURS):
+            self._release(attempt)
             raise exc
         instance = attempt.instance
         reason = scrub_secret(describe(exc), instance.base_url)
         plan.attempts.append((instance.url, exc))
         plan.descriptions.append(reason)
+        if kind is Failure.BUSY and self._lower_busy_limit(attempt, reason):
+            return
+        self._release(attempt)
         if kind is Failure.MODEL_MISSING and plan.model is not None:
             self._mark_model_missing(instance, plan.model, reason)
             return
-        self._record_failure(instance, reason)
+        plan.retry_needs_budget = True
+        self._record_failure(
+            instance,
+            reason,
+            at_once=kind is Failure.UNRESPONSIVE,
+            started=attempt.started,
+        )
 
     def _after_stream_error(
         self, attempt: _Attempt, exc: BaseException, chunks: int
@@ -527,7 +632,12 @@ class OllamaPool:
         instance = attempt.instance
         reason = scrub_secret(describe(exc), instance.base_url)
         self._release(attempt)
-        self._record_failure(instance, reason)
+        self._record_failure(
+            instance,
+            reason,
+            at_once=kind is Failure.UNRESPONSIVE,
+            started=attempt.started,
+        )
         raise StreamInterruptedError(instance.url, exc, chunks) from exc
 
     def _deliver(
@@ -559,6 +669,50 @@ class OllamaPool:
             self._release(attempt)
             _close_quietly(iterator)
 
+    # -- Busy limit -----------------------------------------------------------------
+
+    def _lower_busy_limit(self, attempt: _Attempt, reason: str) -> bool:
+        """Cap an instance that answered "busy" at what it accepted; release the slot.
+
+        Returns False, leaving the slot reserved, when the pool had no other
+        request on the instance: it cannot be overloaded by this pool, so the
+        answer counts as an ordinary failure.
+        """
+        instance = attempt.instance
+        with self._lock:
+            # The requests that the server kept while it rejected this one.
+            accepted = instance.in_flight - 1
+            if accepted < 1:
+                return False
+            current = instance.busy_limit
+            if current is None or accepted < current:
+                instance.busy_limit = float(accepted)
+        self._release(attempt)
+        log = logger.info if current is None else logger.debug
+        log(
+            "Instance %s is busy; it gets at most %d requests at once for now: %s",
+            instance.url,
+            accepted,
+            reason,
+        )
+        return True
+
+    def _grow_busy_limit(self, instance: Instance) -> bool:
+        """Raise the busy limit by 1/limit: about one per `limit` successes.
+
+        The caller holds the lock. Reaching the configured limit drops the busy
+        limit altogether. Returns whether a slot was added.
+        """
+        limit = instance.busy_limit
+        if limit is None:
+            return False
+        grown = limit + 1.0 / limit
+        if instance.max_in_flight is not None and grown >= instance.max_in_flight:
+            instance.busy_limit = None
+            return True
+        instance.busy_limit = grown
+        return math.floor(grown) > math.floor(limit)
+
     # -- Health state ---------------------------------------------------------------
 
     def _in_rotation(self, instance: Instance, now: float) -> bool:
@@ -568,22 +722,34 @@ class OllamaPool:
         if self.monitor_running or now < instance.ejected_until:
             return False
         # Without a monitor, an ejection simply expires.
-        self._return_to_rotation(instance)
+        self._return_to_rotation(instance, probation=True)
         logger.info(
-            "Instance %s is back in rotation: its ejection expired", instance.url
+            "Instance %s is back in rotation on probation: its ejection expired",
+            instance.url,
         )
         return True
 
-    def _record_failure(self, instance: Instance, reason: str) -> None:
+    def _record_failure(
+        self, instance: Instance, reason: str, *, at_once: bool, started: float
+    ) -> None:
+        """Count a failed attempt and eject the instance if it is due.
+
+        `at_once` ejects on this failure alone; so does any failure of a trial
+        request. An attempt sent before the current ejection began changes
+        nothing but the counters, since the ejection already covers it.
+        """
         now = time.monotonic()
         with self._lock:
             instance.failures += 1
-            instance.consecutive_failures += 1
-            instance.last_failure_at = now
             instance.last_failure_reason = reason
-            eject = (
-                instance.healthy
-                and instance.consecutive_failures >= self.eject_after_failures
+            stale = not instance.healthy and started < instance.ejected_at
+            if not stale:
+                instance.consecutive_failures += 1
+                instance.last_failure_at = now
+            eject = instance.healthy and (
+                at_once
+                or instance.on_probation
+                or instance.consecutive_failures >= self.eject_after_failures
             )
             if eject:
                 duration = self._eject(instance, now)
@@ -609,54 +775,73 @@ class OllamaPool:
             self.base_ejection_time * instance.ejections, self.max_ejection_time
         )
         instance.healthy = False
+        instance.on_probation = False
+        instance.ejected_at = now
         instance.ejected_until = now + duration
         instance.next_probe_at = instance.ejected_until
         return duration
 
-    def _return_to_rotation(self, instance: Instance) -> None:
+    def _return_to_rotation(self, instance: Instance, *, probation: bool) -> None:
+        """Put `instance` back in rotation; the caller holds the lock and wakes
+        the waiters."""
         instance.healthy = True
+        instance.on_probation = probation
         instance.consecutive_failures = 0
         instance.healthy_since = time.monotonic()
-        self._version += 1
-        self._slot_released.notify_all()
 
     def _mark_model_missing(self, instance: Instance, model: str, reason: str) -> None:
         with self._lock:
-            instance.missing_models.add(model)
+            instance.missing_models[model] = time.monotonic() + self.max_ejection_time
         logger.warning(
-            "Instance %s does not serve model %s; no more requests for it go there: %s",
+            "Instance %s does not serve model %s; no requests for it go there "
+            "until the model is listed in /api/tags: %s",
             instance.url,
             model,
             reason,
         )
+        if self._monitor is not None:
+            self._monitor.wake()
+
+    def _record_models(self, instance: Instance, listed: Iterable[str]) -> None:
+        """Drop the 404 marks of the models that /api/tags of `instance` lists."""
+        names = {normalize_model(name) for name in listed}
+        with self._lock:
+            found = sorted(set(instance.missing_models) & names)
+            for model in found:
+                del instance.missing_models[model]
+        for model in found:
+            logger.info(
+                "Instance %s lists model %s again; requests for it go there",
+                instance.url,
+                model,
+            )
 
     def _record_probe(self, instance: Instance, reason: str) -> None:
         """Apply one probe result: `reason` is empty when the probe succeeded."""
         now = time.monotonic()
+        waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        returned = ejected = False
         with self._lock:
             if not reason:
                 returned = not instance.healthy and now >= instance.ejected_until
                 if returned:
-                    self._return_to_rotation(instance)
+                    self._return_to_rotation(instance, probation=True)
+                    waiters = self._slots_changed()
                 elif instance.healthy:
                     instance.consecutive_failures = 0
-                waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
-                if returned:
-                    waiters, self._async_waiters = self._async_waiters, []
             else:
-                returned = False
                 ejected = instance.healthy
                 instance.last_failure_at = now
                 instance.last_failure_reason = reason
                 if ejected:
                     duration = self._eject(instance, now)
-                waiters = []
         _wake_async_waiters(waiters)
         if returned:
             logger.info(
-                "Instance %s is back in rotation: a probe succeeded", instance.url
+                "Instance %s is back in rotation on probation: a probe succeeded",
+                instance.url,
             )
-        elif reason and ejected:
+        elif ejected:
             logger.warning(
                 "Instance %s left the rotation for %.1f s: %s",
                 instance.url,
@@ -744,8 +929,7 @@ def _build_instances(
         unknown = set(spec) - {"base_url", "model", "max_in_flight"}
         if unknown:
             raise ConfigError(f"unknown keys {sorted(unknown)}", key=key)
-        base_url = spec.get("base_url")
-        _check_url(base_url, f"{key}.base_url")
+        base_url = _check_url(spec.get("base_url"), f"{key}.base_url")
         limit = spec.get("max_in_flight", max_in_flight)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ConfigError(
@@ -763,7 +947,8 @@ def _build_instances(
     return tuple(instances)
 
 
-def _check_url(url: object, key: str) -> None:
+def _check_url(url: object, key: str) -> str:
+    """Return `url` if it is an http(s) URL with a host; raise ConfigError if not."""
     if not isinstance(url, str) or not url:
         raise ConfigError(f"missing or not a string: {url!r}", key=key)
     shown = redact_url(url)
@@ -778,6 +963,7 @@ def _check_url(url: object, key: str) -> None:
             f"for example http://127.0.0.1:11434",
             key=key,
         )
+    return url
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -27,6 +27,20 @@ class RetryBudget:
     `minimum + ratio * requests`. When the whole fleet is down this keeps the pool
     from multiplying its load by the number of attempts per request. Counts are
     kept in one-second buckets, so memory stays bounded. The caller holds a lock.
+
+    The pool uses it as follows:
+
+    - Only retries after an instance failed (error answer, broken stream,
+      refused connection, timeout) spend the budget. A "server busy" answer does
+      not: the server rejected the request before doing any work, and the pool
+      answers it by lowering that instance's busy limit, so the retry waits in
+      the pool for a slot and adds no load. A 404 for a missing model does not
+      either, because the instance then gets no more requests for that model.
+    - A retry that finds the budget spent is not failed at once. Its round ends
+      and the request waits the round's backoff before it asks again, failing
+      only when its `max_retries` rounds are used up. A short burst of failures
+      then costs latency rather than answers, while during a long outage each
+      window still carries at most the budget's retries.
     """
 
     def __init__(self, ratio: float, minimum: int, window: float = 10.0):
