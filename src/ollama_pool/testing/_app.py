@@ -332,9 +332,19 @@ class StandInApp:
 
     # Scripted failures and the queue
 
-    async def _scripted_failure(self, path: str) -> web.Response | None:
+    async def _scripted_failure(
+        self, path: str, chat_request: ChatRequest | None = None
+    ) -> web.Response | None:
         behavior = self.behavior
         if behavior.fail_status is None or path not in behavior.fail_paths:
+            return None
+        predicate = behavior.fail_if
+        skipped = (
+            predicate is not None
+            and chat_request is not None
+            and not predicate(chat_request)
+        )
+        if skipped:
             return None
         key = (id(behavior), behavior.fail_first, behavior.fail_status)
         if key != self._failure_key:
@@ -476,7 +486,7 @@ class StandInApp:
         keep_alive = parse_keep_alive(body.get("keep_alive"))
         stream = body.get("stream") is not False
 
-        failure = await self._scripted_failure(request.path)
+        failure = await self._scripted_failure(request.path, chat_request)
         if failure is not None:
             return failure
         if not chat_request.messages:

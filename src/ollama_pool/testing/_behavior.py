@@ -102,6 +102,10 @@ class Behavior:
     fail_delay: float = 0.0
     # Paths the scripted failure applies to.
     fail_paths: Collection[str] = GENERATION_PATHS
+    # Chat and generate requests get the scripted failure only when this returns
+    # True for them (it may look at the prompt or draw a random number); None
+    # applies it to all of them. Requests on other paths fail without calling it.
+    fail_if: Callable[[ChatRequest], bool] | None = None
     # Status 200, this many content chunks, then an {"error": ...} line.
     error_after_chunks: int | None = None
     # Text of the error line sent by `error_after_chunks`.
