@@ -3,7 +3,7 @@
 `InstanceManager` records every process it starts (PID, creation time and command
 line) in a JSON state file, so that a later call, from another process too, stops
 exactly those processes and never a process that reused one of their PIDs. It
-holds no click code: the ``ollama-pool`` commands in ``ollama_pool.cli._manager``
+contains no click code: the ``ollama-pool`` commands in ``ollama_pool.cli._manager``
 and Python callers use the same methods.
 
 Errors: every error raised here is a `ManagerError`, itself an
@@ -65,6 +65,7 @@ __all__ = [
     "PullProgress",
     "PullReport",
     "StopOutcome",
+    "check_instances_config",
     "follow_log",
     "read_last_lines",
     "send_test_chat",
@@ -114,7 +115,7 @@ class PortInUseError(ManagerError):
 
 
 class InstanceStartError(ManagerError):
-    """An instance exited or did not answer in time after its start."""
+    """An instance exited or did not respond in time after its start."""
 
     def __init__(self, message: str, port: int, log_path: Path) -> None:
         super().__init__(message)
@@ -127,7 +128,7 @@ class NoInstancesRecordedError(ManagerError):
 
 
 class InstanceDownError(ManagerError):
-    """An instance that a command needs does not answer."""
+    """An instance that a command needs does not respond."""
 
     def __init__(self, message: str, port: int) -> None:
         super().__init__(message)
@@ -170,6 +171,8 @@ class InstanceRecord:
     models_dir: str | None
     gpu: str | None
     started_at: str
+    # GPU ids given at start; `gpu` is the one this instance may use.
+    gpus: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -179,6 +182,7 @@ class InstanceRecord:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["cmdline"] = list(self.cmdline)
+        data["gpus"] = list(self.gpus)
         return data
 
     @classmethod
@@ -186,6 +190,7 @@ class InstanceRecord:
         fields = {field.name for field in dataclasses.fields(cls)}
         values = {key: value for key, value in data.items() if key in fields}
         values["cmdline"] = tuple(values.get("cmdline", ()))
+        values["gpus"] = tuple(values.get("gpus", ()))
         return cls(**values)
 
 
@@ -193,9 +198,9 @@ class InstanceRecord:
 class InstanceStatus:
     """State of one recorded instance at the time of the status call.
 
-    `state` is ``up`` (process running and GET /api/version answers), ``down``
+    `state` is ``up`` (process running and GET /api/version responds), ``down``
     (process gone, or its PID now belongs to another process) or ``unresponsive``
-    (process running but no answer). CPU percent and memory (RSS, bytes) sum the
+    (process running but no response). CPU percent and memory (RSS, bytes) sum the
     process and its children, because Ollama runs models in child processes.
     """
 
@@ -217,7 +222,7 @@ class InstanceStatus:
 
 @dataclasses.dataclass(frozen=True)
 class StopOutcome:
-    """What `InstanceManager.stop` did to one recorded instance."""
+    """Result of `InstanceManager.stop` for one recorded instance."""
 
     port: int
     pid: int
@@ -424,8 +429,10 @@ def _ollama_host_value(host: str, port: int) -> str:
 def _validate_host(host: str) -> str:
     host = host.strip().removeprefix("[").removesuffix("]")
     if not host or any(char in host for char in "/@ \t"):
+        # User info may carry a password, so the value is shown only without it.
+        display_value = "with user info" if "@" in host else repr(host)
         raise ManagerError(
-            f"invalid host {host!r}: give an address or name without a scheme, "
+            f"invalid host {display_value}: give an address or name without a scheme, "
             "port or user, e.g. 127.0.0.1"
         )
     return host
@@ -588,7 +595,7 @@ def send_test_chat(
     """Send one streamed chat request and time it.
 
     `on_text` receives each piece of the answer as it arrives. Raises
-    InstanceDownError when nothing answers at `base_url`, and ChatRequestError for
+    InstanceDownError when nothing responds at `base_url`, and ChatRequestError for
     an HTTP error, an error line in the stream or a stream without ``done``.
     """
     url = f"{base_url.rstrip('/')}/api/chat"
@@ -635,7 +642,7 @@ def send_test_chat(
                     )
     except httpx.ConnectError as exc:
         raise InstanceDownError(
-            f"no Ollama server answers at {redact_url(base_url)} ({exc}); start one "
+            f"no Ollama server responds at {redact_url(base_url)} ({exc}); start one "
             "with `ollama-pool start` or check the port",
             port=httpx.URL(base_url).port or 0,
         ) from exc
@@ -698,6 +705,15 @@ def follow_log(
 # -- config file ------------------------------------------------------------
 
 
+def check_instances_config(path: str | os.PathLike[str]) -> None:
+    """Raise ConfigError unless `write_instances_config` can update this file.
+
+    Run it before starting instances, so that a bad config file fails the command
+    before any process starts.
+    """
+    _read_instances_section(Path(path))
+
+
 def write_instances_config(
     path: str | os.PathLike[str], records: Sequence[InstanceRecord]
 ) -> None:
@@ -705,16 +721,38 @@ def write_instances_config(
 
     Writes ``enabled: true`` and ``instances: [{base_url, model}]`` and keeps every
     other key. Creates the file if it is missing.
-    NOTE: PyYAML drops comments and may reorder quoting, so a commented file loses
+    NOTE: PyYAML drops comments and may change quoting, so a commented file loses
     its comments.
     """
     config_path = Path(path)
+    data, section = _read_instances_section(config_path)
+    section["enabled"] = True
+    section["instances"] = [
+        {"base_url": record.base_url, "model": record.model}
+        for record in sorted(records, key=lambda record: record.port)
+    ]
+
+    temporary = config_path.with_name(config_path.name + ".tmp")
+    temporary.write_text(
+        yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
+    os.replace(temporary, config_path)
+    logger.info("wrote %d instances to %s", len(records), config_path)
+
+
+def _read_instances_section(
+    config_path: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a config and return it with its ``llm.ollama.multiple_instances``.
+
+    Missing keys on that path are added as empty mappings to the returned data.
+    """
     data: Any = {}
     if config_path.exists():
         try:
             data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid YAML ({exc})", path=str(config_path)) from exc
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read it ({exc})", path=str(config_path)) from exc
     if not isinstance(data, dict):
         raise ConfigError(
             "the top level is not a mapping, so the instances cannot be added",
@@ -736,21 +774,21 @@ def write_instances_config(
                 key=".".join(dotted),
             )
         section = value
-    section["enabled"] = True
-    section["instances"] = [
-        {"base_url": record.base_url, "model": record.model}
-        for record in sorted(records, key=lambda record: record.port)
-    ]
-
-    temporary = config_path.with_name(config_path.name + ".tmp")
-    temporary.write_text(
-        yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8"
-    )
-    os.replace(temporary, config_path)
-    logger.info("wrote %d instances to %s", len(records), config_path)
+    return data, section
 
 
 # -- manager ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchSettings:
+    """Settings that every instance of one start call shares."""
+
+    binary: str
+    host: str
+    model: str
+    models_dir: str | None
+    gpus: tuple[str, ...]
 
 
 class InstanceManager:
@@ -809,7 +847,7 @@ class InstanceManager:
 
         All instances share one models folder: `models_dir`, else the
         OLLAMA_MODELS of this environment, else Ollama's default. With `gpus`,
-        instance i sees only GPU ``gpus[i % len(gpus)]`` (CUDA_VISIBLE_DEVICES).
+        instance i may use only GPU ``gpus[i % len(gpus)]`` (CUDA_VISIBLE_DEVICES).
         `model` is recorded for the config file and for commands that default to
         it; starting does not pull it.
 
@@ -826,28 +864,29 @@ class InstanceManager:
             raise ManagerError(
                 f"invalid port range {port}-{ports[-1]}: ports must be in 1-65535"
             )
-        host = _validate_host(host)
-        gpu_list = [gpu.strip() for gpu in gpus]
+        gpu_list = tuple(gpu.strip() for gpu in gpus)
         if any(not gpu for gpu in gpu_list):
             raise ManagerError(
                 f"invalid GPU list {','.join(gpus)!r}: an entry is empty"
             )
-        binary = self._resolve_binary()
-        shared_models_dir = self._resolve_models_dir(models_dir)
+        settings = _LaunchSettings(
+            binary=self._resolve_binary(),
+            host=_validate_host(host),
+            model=model,
+            models_dir=self._resolve_models_dir(models_dir),
+            gpus=gpu_list,
+        )
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
         with self._state.locked():
             records = self._drop_exited_on_ports(self._state.load(), ports)
             for candidate in ports:
-                self._check_port_free(host, candidate)
+                self._check_port_free(settings.host, candidate)
 
             launched: list[tuple[InstanceRecord, subprocess.Popen[bytes], float]] = []
             try:
                 for index, instance_port in enumerate(ports):
-                    gpu = gpu_list[index % len(gpu_list)] if gpu_list else None
-                    record, process = self._launch(
-                        binary, instance_port, host, model, shared_models_dir, gpu
-                    )
+                    record, process = self._launch(settings, instance_port, index)
                     launched.append((record, process, time.monotonic()))
                     records.append(record)
                     self._state.save(records)
@@ -897,10 +936,10 @@ class InstanceManager:
         self, records: list[InstanceRecord], ports: Sequence[int]
     ) -> list[InstanceRecord]:
         """Reject ports of running recorded instances and forget exited ones."""
-        kept = []
+        remaining = []
         for record in records:
             if record.port not in ports:
-                kept.append(record)
+                remaining.append(record)
                 continue
             process, _ = _inspect_process(record)
             if process is not None:
@@ -916,7 +955,7 @@ class InstanceManager:
                 record.port,
                 record.pid,
             )
-        return kept
+        return remaining
 
     @staticmethod
     def _check_port_free(host: str, port: int) -> None:
@@ -930,21 +969,19 @@ class InstanceManager:
         )
 
     def _launch(
-        self,
-        binary: str,
-        port: int,
-        host: str,
-        model: str,
-        models_dir: str | None,
-        gpu: str | None,
+        self, settings: _LaunchSettings, port: int, index: int
     ) -> tuple[InstanceRecord, subprocess.Popen[bytes]]:
+        """Start one ``BIN serve`` process that logs to ollama_PORT.log."""
+        host = settings.host
+        gpu = settings.gpus[index % len(settings.gpus)] if settings.gpus else None
         env = dict(os.environ)
         env["OLLAMA_HOST"] = _ollama_host_value(host, port)
-        if models_dir is not None:
-            env["OLLAMA_MODELS"] = models_dir
+        if settings.models_dir is not None:
+            env["OLLAMA_MODELS"] = settings.models_dir
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        argv = [binary, "serve"]
+
+        argv = [settings.binary, "serve"]
         log_path = self.log_dir / f"ollama_{port}.log"
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with open(log_path, "ab") as log_file:
@@ -961,6 +998,7 @@ class InstanceManager:
                 env=env,
                 start_new_session=True,
             )
+
         create_time, cmdline = self._identify(process.pid, argv)
         record = InstanceRecord(
             port=port,
@@ -969,14 +1007,15 @@ class InstanceManager:
             create_time=create_time,
             cmdline=cmdline,
             log_path=str(log_path),
-            model=model,
-            models_dir=models_dir,
+            model=settings.model,
+            models_dir=settings.models_dir,
             gpu=gpu,
             started_at=now,
+            gpus=settings.gpus,
         )
         logger.info(
             "started %s serve on port %d (PID %d, log %s)",
-            binary,
+            settings.binary,
             port,
             process.pid,
             log_path,
@@ -1005,7 +1044,7 @@ class InstanceManager:
         return create_time, cmdline or tuple(argv)
 
     def _confirm_identity(self, record: InstanceRecord) -> InstanceRecord:
-        """Read the command line again once the instance answers.
+        """Read the command line again once the instance responds.
 
         The process is our unreaped child, so its PID cannot have been reused.
         """
@@ -1018,7 +1057,7 @@ class InstanceManager:
     def _wait_until_up(
         record: InstanceRecord, process: subprocess.Popen[bytes], deadline: float
     ) -> str:
-        """Poll GET /api/version until it answers 200; return the server version."""
+        """Poll GET /api/version until it returns 200; return the server version."""
         url = f"{record.base_url}/api/version"
         with _http_client(httpx.Timeout(1.0)) as client:
             while True:
@@ -1026,7 +1065,7 @@ class InstanceManager:
                 if exit_code is not None:
                     raise InstanceStartError(
                         f"Ollama instance on port {record.port} exited with code "
-                        f"{exit_code} before it answered; see its log "
+                        f"{exit_code} before it responded; see its log "
                         f"{record.log_path}{_log_excerpt(Path(record.log_path))}",
                         port=record.port,
                         log_path=Path(record.log_path),
@@ -1036,7 +1075,7 @@ class InstanceManager:
                     return str(data.get("version", ""))
                 if time.monotonic() > deadline:
                     raise InstanceStartError(
-                        f"Ollama instance on port {record.port} did not answer "
+                        f"Ollama instance on port {record.port} did not respond to "
                         f"GET /api/version in time; see its log "
                         f"{record.log_path}{_log_excerpt(Path(record.log_path))}",
                         port=record.port,
@@ -1128,13 +1167,12 @@ class InstanceManager:
         """
         records = self._require_records(None)
         first = records[0]
-        gpus = list(dict.fromkeys(r.gpu for r in records if r.gpu is not None))
         settings: dict[str, Any] = {
             "port": first.port,
             "host": first.host,
             "model": first.model,
             "models_dir": first.models_dir,
-            "gpus": gpus,
+            "gpus": first.gpus,
         }
         settings.update(
             {key: value for key, value in overrides.items() if value is not None}
@@ -1179,18 +1217,20 @@ class InstanceManager:
                 with contextlib.suppress(psutil.Error):
                     member.cpu_percent(interval=None)
 
-        answers = {}
+        server_info = {}
         with _http_client(_PROBE_TIMEOUT) as client:
             for record, process, _ in inspected:
                 if process is not None:
-                    answers[record.port] = self._query_server(client, record.base_url)
+                    server_info[record.port] = self._query_server(
+                        client, record.base_url
+                    )
 
         remaining = cpu_sample - (time.monotonic() - sample_started)
         if remaining > 0:
             time.sleep(remaining)
         return [
             self._status_row(
-                record, state, answers.get(record.port), trees.get(record.port)
+                record, state, server_info.get(record.port), trees.get(record.port)
             )
             for record, _, state in inspected
         ]
@@ -1210,7 +1250,7 @@ class InstanceManager:
     def _status_row(
         record: InstanceRecord,
         process_state: str,
-        answer: dict[str, Any] | None,
+        info: dict[str, Any] | None,
         tree: list[psutil.Process] | None,
     ) -> InstanceStatus:
         if tree is None:
@@ -1220,7 +1260,7 @@ class InstanceManager:
                 if process_state == "exited"
                 else "PID now belongs to another process"
             )
-        elif answer is None:
+        elif info is None:
             state, detail = "unresponsive", "process running, GET /api/version failed"
         else:
             state, detail = "up", ""
@@ -1232,9 +1272,9 @@ class InstanceManager:
             url=redact_url(record.base_url),
             state=state,
             detail=detail,
-            version=answer["version"] if answer else None,
-            models=answer["models"] if answer else [],
-            loaded=answer["loaded"] if answer else [],
+            version=info["version"] if info else None,
+            models=info["models"] if info else [],
+            loaded=info["loaded"] if info else [],
             cpu_percent=cpu,
             memory_bytes=memory,
             log_path=record.log_path,
@@ -1306,7 +1346,7 @@ class InstanceManager:
                 if _fetch_json(client, f"{record.base_url}/api/version") is None:
                     raise InstanceDownError(
                         f"instance on port {record.port} "
-                        f"({redact_url(record.base_url)}) does not answer; see "
+                        f"({redact_url(record.base_url)}) does not respond; see "
                         f"{record.log_path}, then run `ollama-pool restart`, or "
                         "`ollama-pool cleanup` to forget it",
                         port=record.port,

@@ -26,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from ollama_pool._errors import OllamaPoolError
 from ollama_pool._manager import (
@@ -41,6 +42,7 @@ from ollama_pool._manager import (
     InstanceStatus,
     ManagerError,
     PullProgress,
+    check_instances_config,
     follow_log,
     read_last_lines,
     send_test_chat,
@@ -138,7 +140,7 @@ def _start_options(*, defaults: bool) -> Callable[[F], F]:
             type=click.FloatRange(min=0),
             default=60.0,
             show_default=True,
-            help="Seconds to wait for each instance to answer GET /api/version.",
+            help="Seconds to wait for each instance to respond to GET /api/version.",
         ),
     ]
 
@@ -224,9 +226,11 @@ def start(
     """Start COUNT Ollama instances (default 4) on consecutive ports.
 
     Every port is checked before anything starts. If one instance does not
-    answer in time, the ones already started are stopped again.
+    respond in time, the ones already started are stopped again.
     """
     manager = _manager(state_dir, log_dir, ollama_bin)
+    if write_config is not None:
+        check_instances_config(write_config)
     records = manager.start(
         count,
         port=port,
@@ -298,6 +302,8 @@ def restart(
     Options left out keep the settings of the recorded instances.
     """
     manager = _manager(state_dir, log_dir, ollama_bin)
+    if write_config is not None:
+        check_instances_config(write_config)
     records = manager.restart(
         count,
         grace=grace,
@@ -347,19 +353,20 @@ def _status_table(rows: list[InstanceStatus]) -> Table:
         table.add_column(column, overflow="fold")
     styles = {"up": "green", "down": "red", "unresponsive": "yellow"}
     for row in rows:
-        state = f"[{styles[row.state]}]{row.state}[/]"
+        state = Text(row.state, style=styles[row.state])
         if row.detail:
-            state += f"\n{row.detail}"
+            state.append(f"\n{row.detail}")
+        # Text cells: model names and paths are data, not rich markup.
         table.add_row(
             str(row.port),
             str(row.pid),
             state,
-            row.version or "-",
-            "\n".join(row.models) or "-",
-            "\n".join(row.loaded) or "-",
+            Text(row.version or "-"),
+            Text("\n".join(row.models) or "-"),
+            Text("\n".join(row.loaded) or "-"),
             "-" if row.cpu_percent is None else f"{row.cpu_percent:.1f}",
             _format_bytes(row.memory_bytes),
-            row.log_path,
+            Text(row.log_path),
         )
     return table
 
@@ -388,7 +395,7 @@ class _PullDisplay:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -423,7 +430,9 @@ class _PullDisplay:
         else:
             self.progress.update(task, description=description)
         if changed and not self.console.is_terminal:
-            self.progress.console.print(description, highlight=False)
+            self.console.print(
+                description, highlight=False, markup=False, soft_wrap=True
+            )
 
     def _index(self, task: TaskID) -> int:
         return next(i for i, item in enumerate(self.progress.tasks) if item.id == task)
@@ -454,13 +463,15 @@ def pull(model: str | None, parallel: bool, state_dir: Path, log_dir: Path) -> N
         report = manager.pull(model, parallel=parallel, on_progress=display)
     ports = ", ".join(str(port) for port in report.verified_on)
     if report.shared_models_dir and len(report.pulled_on) == 1:
-        how = (
+        pull_summary = (
             f"pulled once through port {report.pulled_on[0]} into the shared "
             "models folder"
         )
     else:
-        how = "pulled through ports " + ", ".join(str(p) for p in report.pulled_on)
-    click.echo(f"Model {model!r} is listed by ports {ports} ({how})")
+        pull_summary = "pulled through ports " + ", ".join(
+            str(p) for p in report.pulled_on
+        )
+    click.echo(f"Model {model!r} is listed by ports {ports} ({pull_summary})")
 
 
 # -- test, logs, cleanup ----------------------------------------------------
@@ -490,7 +501,7 @@ def test_instance(
 ) -> None:
     """Send one chat request to the instance on PORT and time it.
 
-    The answer is printed as it streams. MODEL defaults to the model recorded
+    The reply is printed as it streams. MODEL defaults to the model recorded
     for PORT. Tokens per second come from eval_count and eval_duration of the
     last stream line.
     """
