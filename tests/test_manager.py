@@ -290,6 +290,27 @@ def test_restart_replaces_processes(runner: CliRunner, pool_dirs: PoolDirs) -> N
         assert env["CUDA_VISIBLE_DEVICES"] == ["3", "5"][offset]
 
 
+def test_stopped_process_is_unresponsive_then_killed(
+    runner: CliRunner, pool_dirs: PoolDirs
+) -> None:
+    port = free_ports(2)
+    assert start(runner, pool_dirs, 2, port).exit_code == 0
+    frozen, running = pool_dirs.manager().instances()
+    # A stopped process keeps its socket, so connections hang instead of failing,
+    # and SIGTERM stays pending until SIGKILL ends it.
+    os.kill(frozen.pid, signal.SIGSTOP)
+
+    rows = status_rows(runner, pool_dirs)
+    result = invoke(runner, pool_dirs, "stop", "--timeout", "1")
+
+    assert [row["state"] for row in rows] == ["unresponsive", "up"]
+    assert result.exit_code == 0, result.output
+    assert f"port {port}: PID {frozen.pid} killed" in result.output
+    assert f"port {port + 1}: PID {running.pid} stopped" in result.output
+    assert _pid_gone(frozen.pid)
+    assert _pid_gone(running.pid)
+
+
 def test_console_script_start_status_stop(pool_dirs: PoolDirs) -> None:
     # The instances must not hold the pipes of the command, or run() would hang.
     command = Path(sys.executable).with_name("ollama-pool")
@@ -514,6 +535,7 @@ def test_pull_separate_folders(
     parallel = invoke(runner, pool_dirs, "pull", "llama3.2:1b", "--parallel")
     one_by_one = invoke(runner, pool_dirs, "pull", "llama3.2")
     failed = invoke(runner, pool_dirs, "pull", "no-such-model", "--parallel")
+    failed_in_turn = invoke(runner, pool_dirs, "pull", "no-such-model")
 
     assert parallel.exit_code == 0, parallel.output
     assert f"pulled through ports {port}, {port + 1}" in parallel.output
@@ -528,6 +550,9 @@ def test_pull_separate_folders(
     assert "'no-such-model'" in failed.output
     assert f"port {port}: pull model manifest: file does not exist" in failed.output
     assert f"port {port + 1}: pull model manifest" in failed.output
+    assert failed_in_turn.exit_code != 0
+    assert f"port {port}: pull model manifest" in failed_in_turn.output
+    assert f"port {port + 1}: pull model manifest" in failed_in_turn.output
 
 
 # -- stop safety and cleanup ------------------------------------------------------

@@ -1365,10 +1365,16 @@ class InstanceManager:
         parallel: bool,
         on_progress: Callable[[PullProgress], None] | None,
     ) -> None:
+        """Pull through each instance and raise one PullError for all failures."""
         failures: dict[int, str] = {}
         if not parallel:
             for record in records:
-                _pull_through(record, model, on_progress)
+                try:
+                    _pull_through(record, model, on_progress)
+                except PullError as exc:
+                    failures.update(exc.failures)
+            if failures:
+                raise PullError(model, failures)
             return
         with concurrent.futures.ThreadPoolExecutor(
             max_workers=len(records)
@@ -1456,7 +1462,9 @@ class InstanceManager:
 
 def _port_from_log_name(path: Path) -> int | None:
     suffix = path.stem.removeprefix("ollama_")
-    return int(suffix) if suffix.isdigit() else None
+    if not suffix.isdigit() or not 1 <= int(suffix) <= 65535:
+        return None
+    return int(suffix)
 
 
 def _tree_usage(tree: Sequence[psutil.Process]) -> tuple[float | None, int | None]:
