@@ -470,7 +470,7 @@ def test_test_command_streams_and_times(
         runner, running_pair, "test", str(port), "llama3.2", "--prompt", "hi"
     )
     missing = invoke(runner, running_pair, "test", str(port), "nope")
-    nobody = invoke(runner, running_pair, "test", str(free_ports(1)), "llama3.2")
+    no_server = invoke(runner, running_pair, "test", str(free_ports(1)), "llama3.2")
 
     assert reply.exit_code == 0, reply.output
     assert "echo: hi" in reply.output
@@ -479,8 +479,8 @@ def test_test_command_streams_and_times(
     assert missing.exit_code != 0
     assert "'nope'" in missing.output
     assert "not found" in missing.output
-    assert nobody.exit_code != 0
-    assert "no Ollama server responds" in nobody.output
+    assert no_server.exit_code != 0
+    assert "no Ollama server responds" in no_server.output
 
 
 def test_logs_prints_last_lines(runner: CliRunner, running_pair: PoolDirs) -> None:

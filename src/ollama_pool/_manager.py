@@ -594,7 +594,7 @@ def send_test_chat(
 ) -> ChatTiming:
     """Send one streamed chat request and time it.
 
-    `on_text` receives each piece of the answer as it arrives. Raises
+    `on_text` receives each piece of the reply as it arrives. Raises
     InstanceDownError when nothing responds at `base_url`, and ChatRequestError for
     an HTTP error, an error line in the stream or a stream without ``done``.
     """
