@@ -444,6 +444,17 @@ def test_pull_progress_and_shared_models_dir(tmp_path: Path) -> None:
     assert (manifests / "gemma3" / "1b").is_file()
 
 
+@pytest.mark.parametrize("name", ["../../escaped", "a/../../b", "/absolute"])
+def test_pull_rejects_path_escape(tmp_path: Path, name: str) -> None:
+    models_dir = tmp_path / "models"
+    with StandInServer(port=0, models_dir=models_dir) as server:
+        response = httpx.post(f"{server.url}/api/pull", json={"model": name})
+    assert response.status_code == 400
+    assert "invalid model name" in response.json()["error"]
+    escaped = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert escaped == []
+
+
 def test_pull_unknown_model_fails(server: StandInServer, client: ollama.Client) -> None:
     server.update(pullable=["phi3"])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 
@@ -9,6 +11,9 @@ import click
 @click.version_option(package_name="ollama-pool")
 def main() -> None:
     """Run a pool of Ollama instances and jobs on it."""
+    # The library logs instance state changes and retries; show warnings and
+    # errors on stderr in a readable form unless the caller set up logging.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
 
 # Each module registers its commands on ``main`` when imported.

@@ -296,7 +296,7 @@ class StandInApp:
         name = body.get("model") or body.get("name")
         if not name:
             raise RequestError(400, "model is required")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not catalog.is_safe_name(name):
             raise RequestError(400, f"invalid model name {name!r}")
         normalized = catalog.normalize_model(name)
         if self._modified(normalized) is None:
@@ -588,6 +588,8 @@ class StandInApp:
         raw_name = body.get("model") or body.get("name")
         if not raw_name or not isinstance(raw_name, str):
             raise RequestError(400, "model is required")
+        if not catalog.is_safe_name(raw_name):
+            raise RequestError(400, f"invalid model name {raw_name!r}")
         name = catalog.normalize_model(raw_name)
         failure = await self._scripted_failure(request.path)
         if failure is not None:

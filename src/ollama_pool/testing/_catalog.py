@@ -111,6 +111,8 @@ class ModelsDirectory:
     def manifest_path(self, name: str) -> Path:
         repository, _, tag = normalize_model(name).rpartition(":")
         parts = repository.split("/")
+        if not is_safe_name(name):
+            raise ValueError(f"invalid model name {name!r}")
         if len(parts) == 1:
             parts = [REGISTRY, DEFAULT_NAMESPACE, *parts]
         elif len(parts) == 2:
@@ -165,3 +167,14 @@ class ModelsDirectory:
 
 def normalized_set(names: Iterable[str]) -> set[str]:
     return {normalize_model(name) for name in names}
+
+
+def is_safe_name(name: str) -> bool:
+    """Tell whether `name` maps to a path inside the models directory.
+
+    Real Ollama rejects such names with 400; here any name is allowed except one
+    whose path parts are empty, `.` or `..`, or that contains a backslash.
+    """
+    repository, _, tag = normalize_model(name).rpartition(":")
+    parts = [*repository.split("/"), tag]
+    return "\\" not in name and all(part not in ("", ".", "..") for part in parts)
