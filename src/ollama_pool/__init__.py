@@ -2,6 +2,9 @@
 
 `OllamaPool` is the framework-free pool; `PooledChatOllama` is the same pool as a
 LangChain chat model and a drop-in replacement for `langchain_ollama.ChatOllama`.
+`PooledOllamaEmbeddings` sends LangChain embedding requests through a pool, and
+`PooledOllamaLLM` / `PooledOllamaEmbedding` are the LlamaIndex LLM and embedding
+model on a pool (extra `llamaindex`).
 """
 
 import importlib
@@ -22,13 +25,18 @@ from ollama_pool._pool import OllamaPool
 from ollama_pool._urls import normalize_model, redact_url
 
 if TYPE_CHECKING:
+    from ollama_pool._embeddings import PooledOllamaEmbeddings
     from ollama_pool._langchain import PooledChatOllama
+    from ollama_pool._llama_index import PooledOllamaEmbedding, PooledOllamaLLM
 
 # Names whose modules import LangChain or LlamaIndex, which take seconds to load.
 # They load on first access, so that the stand-in server and the command line
 # start fast.
 _LAZY_NAMES = {
     "PooledChatOllama": "ollama_pool._langchain",
+    "PooledOllamaEmbedding": "ollama_pool._llama_index",
+    "PooledOllamaEmbeddings": "ollama_pool._embeddings",
+    "PooledOllamaLLM": "ollama_pool._llama_index",
 }
 
 
@@ -39,6 +47,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
+
 
 __all__ = [
     "AllAttemptsFailedError",
@@ -52,6 +61,9 @@ __all__ = [
     "PoolClosedError",
     "PoolConfig",
     "PooledChatOllama",
+    "PooledOllamaEmbedding",
+    "PooledOllamaEmbeddings",
+    "PooledOllamaLLM",
     "StreamInterruptedError",
     "load_config",
     "normalize_model",
