@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -483,6 +484,20 @@ def test_stream_chat_with_tools_ends_with_calls(start_servers):
     assert [(s.tool_name, s.tool_kwargs) for s in selections] == [
         ("multiply", {"a": 6, "b": 7})
     ]
+
+
+async def test_function_agent_calls_tool(start_servers):
+    calls = [{"name": "multiply", "arguments": {"a": 6, "b": 7}}]
+    servers = start_servers(2, tool_calls=calls)
+    async with make_llm(servers) as llm:
+        agent = FunctionAgent(tools=TOOLS, llm=llm)
+        result = await agent.run("What is 6 times 7?")
+    assert [call.tool_output.raw_output for call in result.tool_calls] == [42]
+    sent = [r.messages[-1] for s in servers for r in s.stats.recent_requests]
+    assert sorted(m["role"] for m in sent) == ["tool", "user"]
+    assert {"role": "tool", "content": "42"} in sent
+    # The stand-in echoes the last user message once the tool result is in.
+    assert str(result) == "echo: What is 6 times 7?"
 
 
 def test_tool_call_history_is_sent_back(start_servers):
