@@ -500,10 +500,10 @@ class OllamaPool:
                 if self._version != step.version or self._closed:
                     continue
                 self._async_waiters.append((loop, future))
+            # asyncio.wait, unlike wait_for before Python 3.12, never loses a
+            # cancellation that arrives together with the wake-up.
             try:
-                await asyncio.wait_for(future, timeout=step.seconds)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait((future,), timeout=step.seconds)
             finally:
                 with self._lock:
                     if (loop, future) in self._async_waiters:
@@ -917,6 +917,8 @@ def _build_instances(
         key = f"instances[{index}]"
         if isinstance(spec, Instance):
             spec.index = index
+            if spec.max_in_flight is None:
+                spec.max_in_flight = max_in_flight
             instances.append(spec)
             continue
         if isinstance(spec, str):
