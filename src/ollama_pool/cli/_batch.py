@@ -243,7 +243,11 @@ def _local_llm(
     urls, model = list(fleet.urls), fleet.model
 
     def make_llm() -> PooledChatOllama:
-        return PooledChatOllama(base_urls=urls, model=model, temperature=0)
+        # The chain asks for a short answer; a cap of 32 tokens keeps the small
+        # pretrained model from generating until its default limit.
+        return PooledChatOllama(
+            base_urls=urls, model=model, temperature=0, seed=0, num_predict=32
+        )
 
     return make_llm, None
 
