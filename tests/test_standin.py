@@ -3,6 +3,7 @@ ChatOllama and httpx."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -754,3 +755,41 @@ def test_fleet_command_prints_ready_lines() -> None:
     assert all(line.startswith("ready http://127.0.0.1:") for line in lines)
     assert versions == [200, 200]
     assert process.returncode == 0
+
+
+def test_serve_stops_when_parent_is_killed(tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    port = free_port()
+    parent_script = (
+        "import os, subprocess, sys, time\n"
+        "env = dict(os.environ, OLLAMA_HOST=sys.argv[1], OLLAMA_MODELS=sys.argv[2],"
+        " OLLAMA_POOL_STANDIN_PARENT_PID=str(os.getpid()))\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'ollama_pool.testing',"
+        " 'serve'], env=env)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_script, f"127.0.0.1:{port}", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/version").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        parent.kill()
+        parent.wait()
+        child.wait(timeout=15)
+        assert not child.is_running()
+    finally:
+        parent.kill()
+        parent.wait()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(child.pid).kill()

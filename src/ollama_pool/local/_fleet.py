@@ -64,7 +64,13 @@ class _Instance:
         ]
         self.process = subprocess.Popen(
             command,
-            env={**env, "OLLAMA_HOST": f"{HOST}:{port}"},
+            env={
+                **env,
+                "OLLAMA_HOST": f"{HOST}:{port}",
+                # The server stops by itself if this process dies without
+                # stopping it, for example on SIGKILL.
+                "OLLAMA_POOL_STANDIN_PARENT_PID": str(os.getpid()),
+            },
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,6 +96,27 @@ def _blocked_stop_signals() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_with_parent() -> None:
+    """Stop this server once the process named by OLLAMA_POOL_STANDIN_PARENT_PID ends.
+
+    A parent that starts servers for its own run (such as `LocalFleet`) sets the
+    variable, so that its servers do not outlive it when it is killed with
+    SIGKILL and cannot stop them itself.
+    """
+    value = os.environ.get("OLLAMA_POOL_STANDIN_PARENT_PID")
+    if not value:
+        return
+    parent = int(value)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        logger.info("parent process %d ended, stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _wait_for_stop_signal() -> int:
@@ -208,6 +231,7 @@ def serve(
     with _blocked_stop_signals():
         _start_or_exit(server.start)
         logger.info("models directory %s", models_dir)
+        _stop_with_parent()
         try:
             _wait_for_stop_signal()
         finally:
