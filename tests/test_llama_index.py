@@ -252,6 +252,30 @@ def test_metadata_needs_no_server():
     assert all(i.requests == 0 for i in llm.pool.instances)
 
 
+def test_serialized_settings_hide_secrets():
+    port = dead_ports(1)[0]
+    url = f"http://user:s3cret@127.0.0.1:{port}"
+    llm = PooledOllamaLLM(
+        base_urls=[url],
+        model="llama3.2",
+        headers={"Authorization": "Bearer t0ken"},
+        health_check_interval=0,
+    )
+    embedding = PooledOllamaEmbedding(
+        instances=[{"base_url": url, "model": "nomic-embed-text"}],
+        model_name="nomic-embed-text",
+        client_kwargs={"headers": {"Authorization": "Bearer t0ken"}},
+        health_check_interval=0,
+    )
+    with llm:
+        shown = [llm.to_json(), repr(llm), str(embedding.to_dict()), repr(embedding)]
+        embedding.close()
+    for text in shown:
+        assert "s3cret" not in text
+        assert "t0ken" not in text
+    assert f"http://user:***@127.0.0.1:{port}" in shown[0]
+
+
 def test_metadata_defaults():
     urls = [f"http://127.0.0.1:{port}" for port in dead_ports(1)]
     with PooledOllamaLLM(base_urls=urls, model="llama3.2") as llm:
@@ -341,6 +365,18 @@ def test_image_blocks_reach_server(start_servers):
 
 
 # -- Failover ----------------------------------------------------------------------
+
+
+def test_stream_stopped_early_frees_slot(start_servers):
+    servers = start_servers(1, token_delay=0.01)
+    with make_llm(servers) as llm:
+        stream = llm.stream_chat(user("a b c d e f g h"))
+        first = next(stream)
+        assert llm.pool.in_flight == 1
+        stream.close()
+        assert llm.pool.in_flight == 0
+        assert llm.complete("next").text == "echo: next"
+    assert first.delta == "echo:"
 
 
 def test_stream_fails_over_before_first_chunk(start_servers):

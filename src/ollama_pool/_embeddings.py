@@ -21,14 +21,21 @@ from typing import Any
 import httpx
 import ollama
 from langchain_core.embeddings import Embeddings
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_serializer,
+    model_validator,
+)
 from typing_extensions import Self
 
 from ollama_pool._config import load_config
 from ollama_pool._errors import IncompleteResponseError
 from ollama_pool._instance import Instance
 from ollama_pool._pool import OllamaPool
-from ollama_pool._urls import normalize_model
+from ollama_pool._urls import normalize_model, redact_url
 
 # Arguments of OllamaPool that every pooled face accepts and passes on.
 POOL_OPTIONS = (
@@ -123,10 +130,10 @@ class PoolSettings(BaseModel):
     pool: OllamaPool | None = Field(default=None, exclude=True)
     """An existing pool to share, with its balancer, health monitor and retries."""
 
-    instances: list[dict[str, Any]] | None = None
+    instances: list[dict[str, Any]] | None = Field(default=None, repr=False)
     """Instance dicts with `base_url` and `model` (and optionally `max_in_flight`)."""
 
-    base_urls: list[str] | None = None
+    base_urls: list[str] | None = Field(default=None, repr=False)
     """Instance addresses."""
 
     strategy: str = "round_robin"
@@ -147,10 +154,27 @@ class PoolSettings(BaseModel):
     max_in_flight_per_instance: int | None = None
     """Requests sent to one instance at once; None for no limit."""
 
-    client_kwargs: dict[str, Any] | None = None
+    client_kwargs: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
     """Extra arguments of every `httpx.Client` / `httpx.AsyncClient`, e.g. headers."""
 
     _owns_pool: bool = PrivateAttr(default=False)
+
+    # Serialized settings (to_json, LlamaIndex event payloads) show addresses
+    # with the password redacted; repr leaves them out.
+    @field_serializer("base_urls")
+    def _redact_base_urls(self, urls: list[str] | None) -> list[str] | None:
+        return None if urls is None else [redact_url(url) for url in urls]
+
+    @field_serializer("instances")
+    def _redact_instances(
+        self, instances: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]] | None:
+        if instances is None:
+            return None
+        return [
+            {**item, "base_url": redact_url(str(item.get("base_url", "")))}
+            for item in instances
+        ]
 
     def _ensure_pool(self, model: str | None) -> OllamaPool:
         """Build the pool unless one was given; returns the pool in use."""

@@ -11,6 +11,7 @@ pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -146,7 +147,7 @@ class PooledOllamaLLM(PoolSettings, FunctionCallingLLM):
     is_function_calling_model: bool = True
     """Whether the model supports tool calling, as reported in `metadata`."""
 
-    headers: dict[str, str] | None = None
+    headers: dict[str, str] | None = Field(default=None, exclude=True, repr=False)
     """HTTP headers sent with every request."""
 
     _clients: InstanceClients = PrivateAttr()
@@ -283,8 +284,7 @@ class PooledOllamaLLM(PoolSettings, FunctionCallingLLM):
         chunks = self._pool.stream(
             partial(self._open_stream, call), is_final=_is_final, model=call.model
         )
-        reply = _Reply()
-        return (reply.step(chunk) for chunk in chunks)
+        return _responses(chunks)
 
     @llm_chat_callback()
     async def astream_chat(
@@ -294,8 +294,7 @@ class PooledOllamaLLM(PoolSettings, FunctionCallingLLM):
         chunks = self._pool.astream(
             partial(self._aopen_stream, call), is_final=_is_final, model=call.model
         )
-        reply = _Reply()
-        return (reply.step(chunk) async for chunk in chunks)
+        return _aresponses(chunks)
 
     def _open_stream(
         self, call: _ChatCall, instance: Instance
@@ -612,6 +611,24 @@ class _Reply:
             raw=raw,
             additional_kwargs={"instance": chunk["instance"], **extra},
         )
+
+
+def _responses(chunks: Iterator[dict[str, Any]]) -> ChatResponseGen:
+    # Closing the chunks when the caller stops early releases the pool's slot.
+    # OllamaPool.stream and .astream return generators, typed as iterators.
+    reply = _Reply()
+    with contextlib.closing(chunks):  # type: ignore[type-var]
+        for chunk in chunks:
+            yield reply.step(chunk)
+
+
+async def _aresponses(
+    chunks: AsyncIterator[dict[str, Any]],
+) -> ChatResponseAsyncGen:
+    reply = _Reply()
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            yield reply.step(chunk)
 
 
 def _usage(chunk: Mapping[str, Any]) -> dict[str, int]:
