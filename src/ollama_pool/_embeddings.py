@@ -185,9 +185,8 @@ class PoolSettings(BaseModel):
         elif self.base_urls is not None:
             specs = list(self.base_urls)
         else:
-            name = type(self).__name__
             raise ValueError(
-                f"{name} needs instances: pass base_urls=[...], "
+                f"{type(self).__name__}: missing instances; pass base_urls=[...], "
                 f"instances=[{{'base_url': ..., 'model': ...}}] or pool=OllamaPool(...)"
             )
         options = {name: getattr(self, name) for name in POOL_OPTIONS}
