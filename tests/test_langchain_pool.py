@@ -12,7 +12,7 @@ from typing import Any
 import ollama
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage
 
 from ollama_pool import (
     AllAttemptsFailedError,
@@ -21,6 +21,7 @@ from ollama_pool import (
     StreamInterruptedError,
 )
 
+BUSY = "server busy, please try again.  maximum pending requests exceeded"
 STRATEGIES = ["round_robin", "random", "least_active", "power_of_two", "peak_ewma"]
 
 
@@ -283,7 +284,7 @@ def test_stream_fails_over_before_first_chunk(start_servers):
     busy = start_servers(
         1,
         fail_status=503,
-        fail_message="server busy, please try again.  maximum pending requests exceeded",
+        fail_message=BUSY,
     )
     good = start_servers(1)
     with make_llm([*busy, *good]) as llm:
@@ -413,3 +414,18 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_repr_and_dump_hide_password():
+    urls = ["http://alice:pw-in-list@127.0.0.1:9"]
+    instances = [{"base_url": "http://bob:pw-in-dict@127.0.0.1:9", "model": "m"}]
+    for llm in (
+        PooledChatOllama(base_urls=urls, model="m"),
+        PooledChatOllama(instances=instances),
+        PooledChatOllama(base_url="http://carol:pw-single@127.0.0.1:9", model="m"),
+    ):
+        texts = [repr(llm), str(llm), llm.model_dump_json(), str(llm.to_json())]
+        for text in texts:
+            assert "pw-" not in text
+        assert ":***@" in repr(llm)
+        llm.close()

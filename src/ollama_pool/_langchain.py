@@ -17,13 +17,20 @@ from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_ollama import ChatOllama
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_serializer,
+    model_validator,
+)
 from typing_extensions import Self
 
 from ollama_pool._config import load_config
 from ollama_pool._errors import IncompleteResponseError
 from ollama_pool._instance import Instance
 from ollama_pool._pool import OllamaPool
+from ollama_pool._urls import redact_url
 
 # ChatOllama fields that configure generation and are copied to every backend.
 # The address, the model and the HTTP clients are set per instance instead.
@@ -77,7 +84,7 @@ class PooledChatOllama(ChatOllama):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     model: str | None = None  # type: ignore[assignment]
-    """Model to request; only instances serving it are used. None: each instance's own."""
+    """Model to request; None lets each instance use its own model."""
 
     base_urls: list[str] | None = None
     """Instance addresses, each serving `model`."""
@@ -111,6 +118,16 @@ class PooledChatOllama(ChatOllama):
     _async_backends: weakref.WeakKeyDictionary[
         asyncio.AbstractEventLoop, dict[int, ChatOllama]
     ] = PrivateAttr(default_factory=weakref.WeakKeyDictionary)
+
+    @field_serializer("base_url", "base_urls", "instances")
+    def _redact_secrets(self, value: Any) -> Any:
+        return _redacted(value)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in ("base_url", "base_urls", "instances"):
+                value = _redacted(value)
+            yield name, value
 
     @model_validator(mode="after")
     def _set_clients(self) -> Self:
@@ -167,7 +184,7 @@ class PooledChatOllama(ChatOllama):
         )
         return params
 
-    # -- Backends --------------------------------------------------------------------
+    # -- Backends --------------------------------------------------------------
 
     def _backend_settings(self, instance: Instance) -> dict[str, Any]:
         settings = {name: getattr(self, name) for name in _BACKEND_FIELDS}
@@ -206,7 +223,7 @@ class PooledChatOllama(ChatOllama):
     def _request_model(self, kwargs: Mapping[str, Any]) -> str | None:
         return kwargs.get("model") or self.model
 
-    # -- Generation ---------------------------------------------------------------------
+    # -- Generation ------------------------------------------------------------
 
     def _generate(
         self,
@@ -285,7 +302,13 @@ class PooledChatOllama(ChatOllama):
         async for chunk in chunks:
             yield chunk
 
-    # -- Lifecycle ---------------------------------------------------------------------
+    def as_llama_index(self, **kwargs: Any) -> Any:
+        """Return a LlamaIndex `PooledOllamaLLM` that shares this model's pool."""
+        from ollama_pool._llama_index import PooledOllamaLLM
+
+        return PooledOllamaLLM.from_langchain(self, **kwargs)
+
+    # -- Lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
         """Close the backends' HTTP clients, and the pool if this model built it."""
@@ -313,6 +336,22 @@ class PooledChatOllama(ChatOllama):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _redacted(value: Any) -> Any:
+    """Return a URL, a list of URLs or of instance dicts with passwords masked."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: redact_url(item)
+            if key == "base_url" and isinstance(item, str)
+            else item
+            for key, item in value.items()
+        }
+    return value
 
 
 def _tagged(chunk: ChatGenerationChunk, instance: Instance) -> ChatGenerationChunk:
