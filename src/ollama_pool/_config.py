@@ -175,11 +175,12 @@ def parse_config(data: object, *, path: str | None = None) -> PoolConfig:
         ollama.get("multiple_instances", {}), "llm.ollama.multiple_instances"
     )
     prefix = "llm.ollama.multiple_instances"
-    for key in sorted(set(multi) - _MULTI_KEYS):
+    unknown = sorted(set(multi) - _MULTI_KEYS)
+    if unknown:
         raise ConfigError(
             f"unknown key; expected one of {', '.join(sorted(_MULTI_KEYS))}",
             path=path,
-            key=f"{prefix}.{key}",
+            key=f"{prefix}.{unknown[0]}",
         )
     enabled = multi.get("enabled", False)
     if not isinstance(enabled, bool):
@@ -240,7 +241,8 @@ def _read_instances(
         unknown = set(entry) - {"base_url", "model", "max_in_flight"}
         if unknown:
             raise ConfigError(
-                f"unknown keys {sorted(unknown)}; expected base_url, model, max_in_flight",
+                f"unknown keys {sorted(unknown)}; "
+                f"expected base_url, model, max_in_flight",
                 path=reader.path,
                 key=item_key,
             )
@@ -278,7 +280,8 @@ def _read_pool_options(
         if key == "load_balancing":
             if value not in STRATEGIES:
                 raise ConfigError(
-                    f"unknown strategy {value!r}; choose one of {', '.join(STRATEGIES)}",
+                    f"unknown strategy {value!r}; "
+                    f"choose one of {', '.join(STRATEGIES)}",
                     path=reader.path,
                     key=full_key,
                 )
