@@ -578,11 +578,16 @@ class OllamaPool:
             # the ejection does not cut the ejection short.
             returned = not instance.healthy and attempt.started >= instance.ejected_at
             # Case 2: the trial request of a returned instance succeeded.
-            trial_passed = instance.healthy and instance.on_probation
+            trial_passed = (
+                instance.healthy
+                and instance.on_probation
+                and attempt.started >= instance.ejected_at
+            )
             waiters = []
             if returned:
                 self._return_to_rotation(instance, probation=False)
-            instance.on_probation = False
+            if trial_passed:
+                instance.on_probation = False
             if returned or trial_passed or grew:
                 waiters = self._slots_changed()
         _wake_async_waiters(waiters)
@@ -687,12 +692,13 @@ class OllamaPool:
             current = instance.busy_limit
             if current is None or accepted < current:
                 instance.busy_limit = float(accepted)
+            limit = min(accepted, math.floor(current or accepted))
         self._release(attempt)
         log = logger.info if current is None else logger.debug
         log(
             "Instance %s is busy; it gets at most %d requests at once for now: %s",
             instance.url,
-            accepted,
+            limit,
             reason,
         )
         return True
