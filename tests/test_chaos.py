@@ -1,7 +1,7 @@
 """A batch run through a fleet in trouble loses no record and keeps memory flat.
 
 2,000 records go through the batch runner over four stand-in servers on
-127.0.0.1 while every server answers 10% of chat requests with 503 "server
+127.0.0.1 while every server rejects 10% of chat requests with 503 "server
 busy", one server is stopped and later restarted, and another stalls after its
 response headers for a while. The output must hold each id exactly once, with
 no error line.
@@ -140,7 +140,7 @@ async def test_chaos_batch_loses_nothing(start_servers, tmp_path):
         assert line["answer"] == f"echo: question {number}"
     assert summary.stats.failed == 0
 
-    # The faults happened: busy answers everywhere, and the stopped and the
+    # The faults happened: busy responses everywhere, and the stopped and the
     # stalled server left the rotation, then served again.
     assert all(server.stats.scripted_failures > 0 for server in servers)
     assert stats[1]["ejections"] >= 1

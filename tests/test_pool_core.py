@@ -2,7 +2,7 @@
 
 Most tests drive `OllamaPool.call` / `acall` / `stream` / `astream` with small
 send functions and no server, so they control exactly when an attempt fails or
-finishes; the rest run against stand-in servers on 127.0.0.1.
+finishes. The rest run against stand-in servers on 127.0.0.1.
 """
 
 from __future__ import annotations

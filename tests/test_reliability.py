@@ -166,12 +166,13 @@ async def test_busy_instance_stays_in_rotation(start_servers, caplog):
     assert ejection_messages(caplog, busy.url) == []
 
 
-# Case 2: every instance answers 503 under a burst
+# Case 2: every instance returns 503 under a burst
 
 
 async def test_burst_on_busy_fleet_all_answered(start_servers, caplog):
     # Each server holds 4 requests (2 generating, 2 queued) and rejects the rest;
-    # the pool is told 8 (OLLAMA_NUM_PARALLEL set lower than the pool believes).
+    # the pool is configured with 8, as when OLLAMA_NUM_PARALLEL is lower than
+    # the pool's setting assumes.
     servers = start_servers(4, parallel=2, max_queue=2, first_token_delay=0.05)
     caplog.set_level(logging.INFO, logger="ollama_pool")
     prompts = [f"burst {n}" for n in range(1000)]
@@ -238,8 +239,8 @@ def test_missing_model_skipped_after_404(start_servers, caplog):
         assert [a.content for a in answers] == [f"echo: m{n}" for n in range(9)]
         assert lacking.url not in served_by(answers)
         instance = llm.pool.instances[0]
-        # The monitor asks /api/tags of the lacking instance; the model stays
-        # missing until it is pulled there.
+        # The monitor requests /api/tags of the lacking instance, and the model
+        # stays missing until it is pulled there.
         assert wait_until(lambda: lacking.stats.requests["/api/tags"] >= 2, 5.0)
         assert instance.lacks("llama3.2:latest", time.monotonic())
 
@@ -247,7 +248,10 @@ def test_missing_model_skipped_after_404(start_servers, caplog):
             f"{lacking.url}/api/pull", json={"model": MODEL, "stream": False}
         )
         assert response.status_code == 200
-        now_listed = lambda: not instance.lacks("llama3.2:latest", time.monotonic())  # noqa: E731
+
+        def now_listed() -> bool:
+            return not instance.lacks("llama3.2:latest", time.monotonic())
+
         assert wait_until(now_listed, 5.0)
         later = llm.batch([f"r{n}" for n in range(6)], config={"max_concurrency": 1})
     assert lacking.url in served_by(later)
