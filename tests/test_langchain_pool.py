@@ -33,9 +33,11 @@ def make_llm(servers: list[Any], **kwargs: Any) -> PooledChatOllama:
     }
     options.update(kwargs)
     backoff = options.pop("backoff_base")
-    llm = PooledChatOllama(base_urls=[s.url for s in servers], **options)
-    llm.pool.backoff_base = backoff
-    return llm
+    return PooledChatOllama(
+        base_urls=[s.url for s in servers],
+        pool_options={"backoff_base": backoff},
+        **options,
+    )
 
 
 def served_by(messages: list[AIMessage]) -> Counter[str]:

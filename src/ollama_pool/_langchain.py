@@ -113,6 +113,9 @@ class PooledChatOllama(ChatOllama):
     max_in_flight_per_instance: int | None = None
     """Requests sent to one instance at once; None for no limit."""
 
+    pool_options: dict[str, Any] = Field(default_factory=dict)
+    """Other `OllamaPool` arguments, for example `{"eject_after_failures": 2}`."""
+
     _owns_pool: bool = PrivateAttr(default=False)
     _sync_backends: dict[int, ChatOllama] = PrivateAttr(default_factory=dict)
     _async_backends: weakref.WeakKeyDictionary[
@@ -137,6 +140,7 @@ class PooledChatOllama(ChatOllama):
                 self._instance_specs(),
                 model=self.model,
                 **{name: getattr(self, name) for name in _POOL_FIELDS},
+                **self.pool_options,
             )
             self._owns_pool = True
         return self
