@@ -123,16 +123,20 @@ class PoolConfig:
 
 def load_config(path: str | Path) -> PoolConfig:
     """Read and validate a config.yaml; raises `ConfigError` naming file and key."""
-    shown = str(path)
+    path_text = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", path=shown) from exc
+        message = f"cannot read the file: {exc.strerror}"
+        raise ConfigError(message, path=path_text) from exc
+    except UnicodeDecodeError as exc:
+        message = f"the file is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        raise ConfigError(message, path=path_text) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", path=shown) from exc
-    return parse_config(data, path=shown)
+        raise ConfigError(f"invalid YAML: {exc}", path=path_text) from exc
+    return parse_config(data, path=path_text)
 
 
 def parse_config(data: object, *, path: str | None = None) -> PoolConfig:

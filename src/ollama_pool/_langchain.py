@@ -214,8 +214,8 @@ class PooledChatOllama(ChatOllama):
 
     def _async_backend(self, instance: Instance) -> ChatOllama:
         # ChatOllama's AsyncClient keeps connections bound to the event loop that
-        # opened them, so each loop gets its own backends; reusing them from a
-        # later asyncio.run() would fail with "Event loop is closed".
+        # opened them, so each loop gets its own backends. Reusing them from a later
+        # asyncio.run() would fail with "Event loop is closed".
         loop = asyncio.get_running_loop()
         backends = self._async_backends.setdefault(loop, {})
         backend = backends.get(instance.index)
