@@ -198,7 +198,13 @@ class PooledChatOllama(ChatOllama):
             write=self._pool.read_timeout,
             pool=None,
         )
-        settings["client_kwargs"] = {"timeout": timeout, **(self.client_kwargs or {})}
+        client_kwargs = {"timeout": timeout, **(self.client_kwargs or {})}
+        if "headers" in client_kwargs:
+            # ChatOllama adds the Authorization header of its base_url to this
+            # dict in place: a shared one would carry one instance's credentials
+            # to the others and into this model's repr.
+            client_kwargs["headers"] = dict(client_kwargs["headers"] or {})
+        settings["client_kwargs"] = client_kwargs
         settings["sync_client_kwargs"] = self.sync_client_kwargs
         settings["async_client_kwargs"] = self.async_client_kwargs
         settings["base_url"] = instance.base_url

@@ -1,0 +1,50 @@
+"""Regression tests for bugs found by trying to break the product."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ollama_pool import ConfigError, OllamaPool, PooledChatOllama, load_config
+from ollama_pool.testing import StandInServer
+
+StartServers = Callable[..., list[StandInServer]]
+
+CONFIG_HEAD = """
+llm:
+  ollama:
+    model: llama3.2
+    base_url: "http://127.0.0.1:9"
+"""
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_credentials_stay_on_their_instance(start_servers: StartServers) -> None:
+    first, second = start_servers(2)
+    secret_url = first.url.replace("http://", "http://alice:s3cret@")
+    headers = {"X-Trace": "1"}
+    llm = PooledChatOllama(
+        base_urls=[secret_url, second.url],
+        model="llama3.2",
+        client_kwargs={"headers": headers},
+        health_check_interval=0,
+    )
+    try:
+        llm.invoke("one")
+        llm.invoke("two")
+        token = base64.b64encode(b"alice:s3cret").decode()
+        assert headers == {"X-Trace": "1"}
+        assert token not in repr(llm)
+        plain = llm._sync_backends[1]._client._client.headers
+        assert "authorization" not in plain
+        assert plain["x-trace"] == "1"
+    finally:
+        llm.close()
