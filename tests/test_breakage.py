@@ -48,3 +48,15 @@ def test_credentials_stay_on_their_instance(start_servers: StartServers) -> None
         assert plain["x-trace"] == "1"
     finally:
         llm.close()
+
+
+def test_config_non_string_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, CONFIG_HEAD + "    1: x\n    zz: y\n")
+    config = load_config(path)
+    assert config.model == "llama3.2"
+    nested = CONFIG_HEAD + "    multiple_instances:\n      1: x\n      zz: y\n"
+    with pytest.raises(ConfigError, match="multiple_instances") as info:
+        load_config(write_config(tmp_path, nested))
+    assert str(path) in str(info.value)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        OllamaPool([{"base_url": "http://127.0.0.1:9", 1: "x", "zz": "y"}])

@@ -145,7 +145,7 @@ def parse_config(data: object, *, path: str | None = None) -> PoolConfig:
     root = reader.mapping(data if data is not None else {}, "")
     llm = reader.mapping(root.get("llm", {}), "llm")
     ollama = reader.mapping(llm.get("ollama"), "llm.ollama", required=True)
-    for key in sorted(set(ollama) - _OLLAMA_KEYS):
+    for key in sorted(set(ollama) - _OLLAMA_KEYS, key=str):
         logger.warning("%s: key llm.ollama.%s is not used by ollama-pool", path, key)
 
     model = reader.optional_str(ollama, "model", "llm.ollama.model")
@@ -179,7 +179,7 @@ def parse_config(data: object, *, path: str | None = None) -> PoolConfig:
         ollama.get("multiple_instances", {}), "llm.ollama.multiple_instances"
     )
     prefix = "llm.ollama.multiple_instances"
-    unknown = sorted(set(multi) - _MULTI_KEYS)
+    unknown = sorted(set(multi) - _MULTI_KEYS, key=str)
     if unknown:
         raise ConfigError(
             f"unknown key; expected one of {', '.join(sorted(_MULTI_KEYS))}",
@@ -245,7 +245,7 @@ def _read_instances(
         unknown = set(entry) - {"base_url", "model", "max_in_flight"}
         if unknown:
             raise ConfigError(
-                f"unknown keys {sorted(unknown)}; "
+                f"unknown keys {sorted(unknown, key=str)}; "
                 f"expected base_url, model, max_in_flight",
                 path=reader.path,
                 key=item_key,

@@ -936,7 +936,7 @@ def _build_instances(
             )
         unknown = set(spec) - {"base_url", "model", "max_in_flight"}
         if unknown:
-            raise ConfigError(f"unknown keys {sorted(unknown)}", key=key)
+            raise ConfigError(f"unknown keys {sorted(unknown, key=str)}", key=key)
         base_url = _check_url(spec.get("base_url"), f"{key}.base_url")
         limit = spec.get("max_in_flight", max_in_flight)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
