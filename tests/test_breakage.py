@@ -60,3 +60,12 @@ def test_config_non_string_key(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
     with pytest.raises(ConfigError, match="unknown keys"):
         OllamaPool([{"base_url": "http://127.0.0.1:9", 1: "x", "zz": "y"}])
+
+
+def test_config_yaml_error_masks_password(tmp_path: Path) -> None:
+    text = 'llm:\n  ollama:\n    base_url: "http://u:hunter2@127.0.0.1:9\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, text))
+    assert "invalid YAML" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(info.value.__cause__)

@@ -135,8 +135,25 @@ def load_config(path: str | Path) -> PoolConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", path=path_text) from exc
+        # Not chained: the text of a YAML error quotes the offending line, which
+        # may hold a base_url password.
+        raise ConfigError(_describe_yaml_error(exc), path=path_text) from None
     return parse_config(data, path=path_text)
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """Return where and why the YAML is invalid, without quoting the file."""
+    parts = []
+    if isinstance(exc, yaml.MarkedYAMLError):
+        for text, mark in (
+            (exc.context, exc.context_mark),
+            (exc.problem, exc.problem_mark),
+        ):
+            if text and mark:
+                parts.append(f"{text} (line {mark.line + 1}, column {mark.column + 1})")
+            elif text:
+                parts.append(text)
+    return f"invalid YAML: {'; '.join(parts) or type(exc).__name__}"
 
 
 def parse_config(data: object, *, path: str | None = None) -> PoolConfig:
