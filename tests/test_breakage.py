@@ -69,3 +69,21 @@ def test_config_yaml_error_masks_password(tmp_path: Path) -> None:
     assert "invalid YAML" in str(info.value)
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in repr(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "line", ["timeout: .nan", "timeout: .inf", "temperature: .nan"]
+)
+def test_config_non_finite_number(tmp_path: Path, line: str) -> None:
+    key = line.split(":")[0]
+    with pytest.raises(ConfigError, match=f"llm.ollama.{key}"):
+        load_config(write_config(tmp_path, CONFIG_HEAD + f"    {line}\n"))
+
+
+@pytest.mark.parametrize(
+    "name", ["read_timeout", "connect_timeout", "max_ejection_time", "backoff_base"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_pool_non_finite_setting(name: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=name):
+        OllamaPool(["http://127.0.0.1:9"], model="m", **{name: value})

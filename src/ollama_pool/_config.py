@@ -28,6 +28,7 @@ Every error names the file and the key.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,10 +372,15 @@ class _Reader:
     def number(
         self, value: object, key: str, *, minimum: float, strict: bool = False
     ) -> float:
-        valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # YAML reads .nan and .inf as floats; neither is a usable setting.
+        valid = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        )
         if not valid or value < minimum or (strict and value == minimum):  # type: ignore[operator]
             relation = ">" if strict else ">="
             raise self.fail(
-                f"must be a number {relation} {minimum}, got {value!r}", key
+                f"must be a finite number {relation} {minimum}, got {value!r}", key
             )
         return float(value)  # type: ignore[arg-type]

@@ -991,19 +991,32 @@ def _check_options(options: dict[str, Any]) -> None:
     )
     for name in non_negative:
         value = options[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"must be a number >= 0, got {value!r}", key=name)
+        if not _is_finite_number(value) or value < 0:
+            raise ConfigError(f"must be a finite number >= 0, got {value!r}", key=name)
     positive = ("connect_timeout", "read_timeout", "max_ejection_time", "probe_timeout")
     for name in positive:
         value = options[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"must be a number > 0, got {value!r}", key=name)
+        if not _is_finite_number(value) or value <= 0:
+            raise ConfigError(f"must be a finite number > 0, got {value!r}", key=name)
     for name in ("max_in_flight_per_instance", "max_in_flight", "eject_after_failures"):
         value = options[name]
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"must be a positive integer, got {value!r}", key=name)
     base = options["base_ejection_time"]
-    if base is not None and (not isinstance(base, (int, float)) or base <= 0):
+    if base is not None and (not _is_finite_number(base) or base <= 0):
         raise ConfigError(
-            f"must be a number > 0, got {base!r}", key="base_ejection_time"
+            f"must be a finite number > 0, got {base!r}", key="base_ejection_time"
         )
+
+
+def _is_finite_number(value: object) -> bool:
+    """Tell whether `value` is an int or float other than bool, NaN or infinity.
+
+    NaN passes every `<` check, and httpx rejects NaN and infinite timeouts only
+    when the first request is sent.
+    """
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
