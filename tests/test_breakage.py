@@ -87,3 +87,14 @@ def test_config_non_finite_number(tmp_path: Path, line: str) -> None:
 def test_pool_non_finite_setting(name: str, value: float) -> None:
     with pytest.raises(ConfigError, match=name):
         OllamaPool(["http://127.0.0.1:9"], model="m", **{name: value})
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [("stop: 5", "llm.ollama.stop"), ("top_k: lots", "llm.ollama.top_k")],
+)
+def test_config_chat_option_type(tmp_path: Path, line: str, key: str) -> None:
+    path = write_config(tmp_path, CONFIG_HEAD + f"    {line}\n")
+    with pytest.raises(ConfigError, match=key) as info:
+        load_config(path)
+    assert str(path) in str(info.value)

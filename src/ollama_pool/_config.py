@@ -182,6 +182,8 @@ def parse_config(data: object, *, path: str | None = None) -> PoolConfig:
         chat_options["temperature"] = reader.number(
             chat_options["temperature"], "llm.ollama.temperature", minimum=0
         )
+    for key, value in chat_options.items():
+        reader.chat_option(key, value, f"llm.ollama.{key}")
 
     pool_options: dict[str, Any] = {}
     if ollama.get("timeout") is not None:
@@ -360,6 +362,22 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self.fail(f"must be a non-empty string, got {value!r}", key)
         return value
+
+    def chat_option(self, name: str, value: object, key: str) -> None:
+        """Check `value` against the type of ChatOllama's field `name`.
+
+        Without this check a wrong type (`stop: 5`) passes loading and fails later
+        as a pydantic error that names neither the file nor the key.
+        """
+        from langchain_ollama import ChatOllama
+        from pydantic import TypeAdapter, ValidationError
+
+        annotation = ChatOllama.model_fields[name].annotation
+        try:
+            TypeAdapter(annotation).validate_python(value)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise self.fail(f"{reason}, got {value!r}", key) from None
 
     def integer(self, value: object, key: str, *, minimum: int) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
