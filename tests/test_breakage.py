@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gc
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +100,20 @@ def test_config_chat_option_type(tmp_path: Path, line: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+def test_dropped_model_stops_monitor(start_servers: StartServers) -> None:
+    (server,) = start_servers(1)
+    before = set(threading.enumerate())
+    llm = PooledChatOllama(base_urls=[server.url], model="llama3.2")
+    llm.invoke("hi")
+    monitors = [
+        thread
+        for thread in set(threading.enumerate()) - before
+        if thread.name == "ollama-pool-health"
+    ]
+    assert len(monitors) == 1
+    del llm
+    gc.collect()
+    monitors[0].join(timeout=30)
+    assert not monitors[0].is_alive()

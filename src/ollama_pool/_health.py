@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 import httpx
@@ -34,10 +35,13 @@ class HealthMonitor:
     instances are probed every `interval` seconds; an ejected instance is probed
     once its ejection time has passed and then every `interval` seconds until a
     probe succeeds.
+
+    The monitor keeps only a weak reference to its pool, so a pool dropped
+    without `close()` can be garbage-collected, and the thread then ends.
     """
 
     def __init__(self, pool: OllamaPool, interval: float, probe_timeout: float):
-        self._pool = pool
+        self._pool_ref = weakref.ref(pool)
         self._interval = interval
         self._probe_timeout = probe_timeout
         self._thread: threading.Thread | None = None
@@ -45,6 +49,13 @@ class HealthMonitor:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._ready = threading.Event()
+
+    @property
+    def _pool(self) -> OllamaPool:
+        pool = self._pool_ref()
+        # `_main` holds a reference to the pool while it probes, so it is alive.
+        assert pool is not None
+        return pool
 
     @property
     def running(self) -> bool:
@@ -67,10 +78,14 @@ class HealthMonitor:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
 
-    def stop(self) -> None:
-        """Stop the thread and close its connections; returns when both are done."""
+    def request_stop(self) -> None:
+        """Make the thread end soon, without waiting for it."""
         self._stopping = True
         self.wake()
+
+    def stop(self) -> None:
+        """Stop the thread and close its connections; returns when both are done."""
+        self.request_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -86,11 +101,16 @@ class HealthMonitor:
         timeout = httpx.Timeout(self._probe_timeout)
         async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
             while not self._stopping:
+                pool = self._pool_ref()
+                if pool is None:  # Garbage-collected without close().
+                    break
                 due = self._due_instances(time.monotonic())
                 if due:
                     await asyncio.gather(*(self._probe(client, i) for i in due))
                     continue
                 delay = self._seconds_to_next(time.monotonic())
+                # No reference to the pool while waiting, so it can be collected.
+                del pool
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)

@@ -16,6 +16,7 @@ import math
 import random
 import threading
 import time
+import weakref
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -287,6 +288,8 @@ class OllamaPool:
             self._monitor = HealthMonitor(
                 self, self.health_check_interval, self.probe_timeout
             )
+            # A pool dropped without close() stops its monitor thread.
+            weakref.finalize(self, self._monitor.request_stop)
 
     # -- Entry points ---------------------------------------------------------
 
