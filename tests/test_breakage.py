@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ollama_pool import ConfigError, OllamaPool, PooledChatOllama, load_config
+from ollama_pool._manager import InstanceManager, ManagerError
 from ollama_pool.testing import StandInServer
 
 StartServers = Callable[..., list[StandInServer]]
@@ -117,3 +119,28 @@ def test_dropped_model_stops_monitor(start_servers: StartServers) -> None:
     gc.collect()
     monitors[0].join(timeout=30)
     assert not monitors[0].is_alive()
+
+
+@pytest.mark.parametrize(
+    "fields", [{"pid": -1}, {"pid": "123"}, {"pid": 12.5}, {"create_time": "x"}]
+)
+def test_state_file_field_types(tmp_path: Path, fields: dict[str, object]) -> None:
+    record = {
+        "port": 1,
+        "host": "127.0.0.1",
+        "pid": 999_999_999,
+        "create_time": 0.0,
+        "cmdline": ["ollama", "serve"],
+        "log_path": str(tmp_path / "ollama_1.log"),
+        "model": "llama3.2",
+        "models_dir": None,
+        "gpu": None,
+        "started_at": "2026-01-01T00:00:00",
+        **fields,
+    }
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "instances.json").write_text(json.dumps([record]))
+    manager = InstanceManager(state_dir=state_dir, log_dir=tmp_path / "logs")
+    with pytest.raises(ManagerError, match="state file"):
+        manager.status(cpu_sample=0)

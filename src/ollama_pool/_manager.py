@@ -187,8 +187,19 @@ class InstanceRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> InstanceRecord:
+        """Build a record; raise TypeError or ValueError for a field of a wrong type.
+
+        The checks keep a hand-edited state file from reaching psutil and the
+        process checks with a PID that is not a positive integer.
+        """
         fields = {field.name for field in dataclasses.fields(cls)}
         values = {key: value for key, value in data.items() if key in fields}
+        for name, kinds in (("port", int), ("pid", int), ("create_time", (int, float))):
+            value = values.get(name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if values["pid"] < 1:
+            raise ValueError(f"pid must be a positive integer, got {values['pid']}")
         values["cmdline"] = tuple(values.get("cmdline", ()))
         values["gpus"] = tuple(values.get("gpus", ()))
         return cls(**values)
