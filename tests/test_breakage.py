@@ -144,3 +144,26 @@ def test_state_file_field_types(tmp_path: Path, fields: dict[str, object]) -> No
     manager = InstanceManager(state_dir=state_dir, log_dir=tmp_path / "logs")
     with pytest.raises(ManagerError, match="state file"):
         manager.status(cpu_sample=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["library/llama3.2", "registry.ollama.ai/library/llama3.2:latest"]
+)
+def test_model_name_with_namespace(start_servers: StartServers, name: str) -> None:
+    (llama,) = start_servers(1, models=["llama3.2:latest"])
+    (qwen,) = start_servers(1, models=["qwen3:latest"])
+    llm = PooledChatOllama(
+        instances=[
+            {"base_url": qwen.url, "model": "qwen3"},
+            {"base_url": llama.url, "model": "llama3.2"},
+        ],
+        health_check_interval=0,
+    )
+    try:
+        for _ in range(2):
+            message = llm.invoke("hi", model=name)
+            assert message.response_metadata["instance"] == llama.url
+        assert qwen.stats.requests["/api/chat"] == 0
+        assert all(not i.missing_models for i in llm.pool.instances)
+    finally:
+        llm.close()

@@ -28,10 +28,16 @@ def redact_url(url: str) -> str:
 def normalize_model(name: str) -> str:
     """Return the canonical form of an Ollama model name.
 
-    Ollama treats a name without a tag as the `latest` tag, so `llama3.2` and
-    `llama3.2:latest` are the same model.
+    Ollama treats a name without a tag as the `latest` tag, and fills in the
+    default registry and namespace, which /api/tags leaves out: `llama3.2`,
+    `library/llama3.2` and `registry.ollama.ai/library/llama3.2:latest` are all
+    `llama3.2:latest`.
     """
     name = name.strip()
+    if name.count("/") == 2:
+        name = name.removeprefix("registry.ollama.ai/")
+    if name.count("/") == 1:
+        name = name.removeprefix("library/")
     last = name.rsplit("/", 1)[-1]
     if ":" not in last:
         return f"{name}:latest"

@@ -24,7 +24,15 @@ _SIZE_TAG = re.compile(r"^(\d+(?:\.\d+)?)([bm])\b", re.IGNORECASE)
 
 
 def normalize_model(name: str) -> str:
-    """Return the model name with its tag, `llama3.2` -> `llama3.2:latest`."""
+    """Return the model name with its tag, `llama3.2` -> `llama3.2:latest`.
+
+    The default registry and namespace are dropped, as in the names /api/tags
+    lists: `registry.ollama.ai/library/llama3.2` -> `llama3.2:latest`.
+    """
+    if name.count("/") == 2:
+        name = name.removeprefix(f"{REGISTRY}/")
+    if name.count("/") == 1:
+        name = name.removeprefix(f"{DEFAULT_NAMESPACE}/")
     base = name.rsplit("/", 1)[-1]
     return name if ":" in base else f"{name}:latest"
 
