@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from benchmarks._clients import LiteLLMClient, PoolClient
+from benchmarks._clients import DirectClient, LiteLLMClient, PoolClient
 from benchmarks._fleet import FleetProcess
 from benchmarks._measure import Client, measure_batch
 from benchmarks._report import fmt, table
@@ -28,6 +28,7 @@ def _clients(urls: Sequence[str], peers: bool) -> list[Callable[[], Client]]:
         for limit in (None, 1)
         for strategy in STRATEGIES
     ]
+    makers.append(partial(DirectClient, urls))
     if peers:
         makers += [
             partial(LiteLLMClient, urls, routing_strategy=strategy)

@@ -10,9 +10,11 @@ per-round ratios to the bare ChatOllama of the same round.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from benchmarks import _machine, _netguard
@@ -22,7 +24,12 @@ from benchmarks._measure import prompts, served_by_fleet
 from benchmarks._report import fmt, table
 
 NAME = "overhead"
+# Seconds of idle time before each client's turn, and a garbage collection, so
+# that no client is charged for the work another one left behind.
+_PAUSE = 0.5
 BARE = "ChatOllama"
+BARE_AGAIN = "ChatOllama, second instance (A/A control)"
+BARE_WITH_TIMEOUTS = "ChatOllama with the pool's timeouts"
 POOL = "ollama-pool round_robin"
 
 
@@ -44,6 +51,8 @@ def _sync_rounds(
         for name in _rotated(list(clients), round_index):
             client = clients[name]
             batch = prompts(count, f"sync {round_index}")
+            time.sleep(_PAUSE)
+            gc.collect()
             cpu_before = time.process_time()
             started = time.perf_counter()
             for prompt in batch:
@@ -65,6 +74,10 @@ async def _async_rounds(
             for name in _rotated(list(clients), round_index):
                 client = clients[name]
                 batch = prompts(count, f"async {round_index}")
+                # Lets background work of the previous client (LiteLLM's logging
+                # tasks and threads) finish before this client's CPU is counted.
+                await asyncio.sleep(_PAUSE)
+                gc.collect()
                 cpu_before = time.process_time()
                 started = time.perf_counter()
                 for prompt in batch:
@@ -79,27 +92,79 @@ async def _async_rounds(
     return samples
 
 
+def _ratios(
+    values: list[dict[str, float]], baseline: list[dict[str, float]], key: str
+) -> list[float]:
+    """Return the per-round ratios `values / baseline` for `key`, sorted."""
+    return sorted(
+        mine[key] / base[key] for mine, base in zip(values, baseline, strict=True)
+    )
+
+
 def _summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
     rows = []
-    bare = samples.get(BARE)
+    baselines = {"bare": samples[BARE], "timeouts": samples[BARE_WITH_TIMEOUTS]}
     for name, values in samples.items():
         row: dict[str, Any] = {"client": name, "rounds": len(values)}
         for key in ("cpu_ms", "wall_ms"):
             row[f"{key}_median"] = statistics.median(v[key] for v in values)
             row[f"{key}_min"] = min(v[key] for v in values)
-            if bare is not None:
-                ratios = [
-                    mine[key] / base[key]
-                    for mine, base in zip(values, bare, strict=True)
-                ]
-                row[f"{key}_ratio_to_bare"] = statistics.median(ratios)
+            for label, baseline in baselines.items():
+                ratios = _ratios(values, baseline, key)
+                row[f"{key}_ratio_to_{label}"] = statistics.median(ratios)
+                quartiles = statistics.quantiles(ratios, n=4)
+                row[f"{key}_ratio_to_{label}_quartiles"] = [quartiles[0], quartiles[2]]
         rows.append(row)
     return rows
 
 
-def run(requests_per_round: int = 200, rounds: int = 8, peers: bool = True) -> dict:
+def pool_machinery(iterations: int = 20000) -> dict[str, float]:
+    """Measure the CPU microseconds of `OllamaPool.call` and `acall` alone.
+
+    The send function does nothing and the health monitor is off, so no request
+    leaves the process: this is the cost of choosing an instance, reserving and
+    releasing its slot and recording the outcome.
+    """
+    from ollama_pool import OllamaPool
+
+    def send(instance: Any) -> None:
+        return None
+
+    async def asend(instance: Any) -> None:
+        return None
+
+    # Port 9 (discard) is never contacted: `send` ignores the instance.
+    pool = OllamaPool(["http://127.0.0.1:9"], model="m", health_check_interval=0)
+
+    def sync_loop() -> float:
+        started = time.process_time()
+        for _ in range(iterations):
+            pool.call(send)
+        return time.process_time() - started
+
+    async def async_loop() -> float:
+        started = time.process_time()
+        for _ in range(iterations):
+            await pool.acall(asend)
+        return time.process_time() - started
+
+    try:
+        sync_seconds = min(sync_loop() for _ in range(3))
+        async_seconds = min(asyncio.run(async_loop()) for _ in range(3))
+    finally:
+        pool.close()
+    return {
+        "call_us": 1e6 * sync_seconds / iterations,
+        "acall_us": 1e6 * async_seconds / iterations,
+    }
+
+
+def run(requests_per_round: int = 200, rounds: int = 12, peers: bool = True) -> dict:
     makers: dict[str, Callable[[str], Any]] = {
         BARE: BareClient,
+        # The same client twice: the spread of its ratio is the noise floor.
+        BARE_AGAIN: BareClient,
+        BARE_WITH_TIMEOUTS: partial(BareClient, pool_timeouts=True),
         POOL: lambda url: PoolClient([url]),
     }
     if peers:
@@ -119,6 +184,7 @@ def run(requests_per_round: int = 200, rounds: int = 8, peers: bool = True) -> d
         fleet_cpu = fleet.cpu_seconds() - fleet_cpu_before
         served = served_by_fleet(fleet.stats())
     _netguard.check(NAME)
+    machinery = pool_machinery()
     expected = 2 * (rounds + 1) * requests_per_round * len(makers)
     sent = served["paths"].get("/api/chat", 0)
     return {
@@ -132,6 +198,7 @@ def run(requests_per_round: int = 200, rounds: int = 8, peers: bool = True) -> d
         "fleet_cpu_ms_per_request": 1000 * fleet_cpu / max(sent, 1),
         "served": served,
         "chat_requests_expected": expected,
+        "pool_machinery": machinery,
     }
 
 
@@ -141,6 +208,8 @@ def markdown(result: dict[str, Any]) -> str:
         "client",
         "CPU ms/req (median)",
         "CPU ratio to ChatOllama",
+        "its quartiles",
+        "CPU ratio to ChatOllama with timeouts",
         "wall ms/req (median)",
         "wall ratio to ChatOllama",
     ]
@@ -152,9 +221,13 @@ def markdown(result: dict[str, Any]) -> str:
                     mode,
                     row["client"],
                     fmt(row["cpu_ms_median"], 3),
-                    fmt(row.get("cpu_ms_ratio_to_bare"), 3),
+                    fmt(row["cpu_ms_ratio_to_bare"], 3),
+                    " - ".join(
+                        fmt(value, 3) for value in row["cpu_ms_ratio_to_bare_quartiles"]
+                    ),
+                    fmt(row["cpu_ms_ratio_to_timeouts"], 3),
                     fmt(row["wall_ms_median"], 3),
-                    fmt(row.get("wall_ms_ratio_to_bare"), 3),
+                    fmt(row["wall_ms_ratio_to_bare"], 3),
                 ]
             )
     served = result["served"]["paths"].get("/api/chat", 0)
@@ -162,7 +235,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"The stand-in served {served} chat requests "
         f"({result['chat_requests_expected']} sent, warm-up rounds included), "
         f"using {result['fleet_cpu_ms_per_request']:.3f} ms of its own CPU per "
-        f"request, not counted above.\n\n"
+        f"request, not counted above. The pool's own machinery (choose, "
+        f"reserve, release, record; no I/O) costs "
+        f"{result['pool_machinery']['call_us']:.1f} us per `call` and "
+        f"{result['pool_machinery']['acall_us']:.1f} us per `acall`.\n\n"
     )
     return note + table(headers, body)
 
