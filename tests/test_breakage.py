@@ -6,7 +6,9 @@ import base64
 import gc
 import json
 import threading
+import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,56 @@ def test_model_name_with_namespace(start_servers: StartServers, name: str) -> No
         assert all(not i.missing_models for i in llm.pool.instances)
     finally:
         llm.close()
+
+
+class _BadTagsHandler(BaseHTTPRequestHandler):
+    """Ollama look-alike: 404 for every chat, /api/tags with non-string names."""
+
+    tags_requests = 0
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/api/tags":
+            type(self).tags_requests += 1
+            self._send(200, {"models": [{"name": 5}, {"name": ["x"]}]})
+        else:
+            self._send(200, {"version": "0.12.3"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(404, {"error": "model 'llama3.2' not found"})
+
+
+def test_monitor_survives_bad_tags(start_servers: StartServers) -> None:
+    (good,) = start_servers(1)
+    bad = ThreadingHTTPServer(("127.0.0.1", 0), _BadTagsHandler)
+    thread = threading.Thread(target=bad.serve_forever, daemon=True)
+    thread.start()
+    bad_url = f"http://127.0.0.1:{bad.server_address[1]}"
+    llm = PooledChatOllama(
+        base_urls=[bad_url, good.url], model="llama3.2", health_check_interval=0.05
+    )
+    try:
+        llm.invoke("one")
+        llm.invoke("two")
+        assert llm.pool.instances[0].missing_models
+        for _ in range(200):
+            if _BadTagsHandler.tags_requests >= 3:
+                break
+            time.sleep(0.05)
+        assert _BadTagsHandler.tags_requests >= 3
+        assert llm.pool.monitor_running
+    finally:
+        llm.close()
+        bad.shutdown()
+        bad.server_close()

@@ -159,7 +159,10 @@ class HealthMonitor:
             )
             response.raise_for_status()
             entries = response.json().get("models") or []
-            names = [entry["name"] for entry in entries if entry.get("name")]
+            # A name that is not a string would crash the monitor thread later.
+            names = [
+                entry["name"] for entry in entries if isinstance(entry.get("name"), str)
+            ]
         except (
             httpx.HTTPError,
             ValueError,
