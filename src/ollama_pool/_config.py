@@ -372,7 +372,7 @@ class _Reader:
         from langchain_ollama import ChatOllama
         from pydantic import TypeAdapter, ValidationError
 
-        annotation = ChatOllama.model_fields[name].annotation
+        annotation: Any = ChatOllama.model_fields[name].annotation
         try:
             TypeAdapter(annotation).validate_python(value)
         except ValidationError as exc:
