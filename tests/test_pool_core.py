@@ -302,13 +302,18 @@ def test_in_flight_exact_against_standins(start_servers):
     )
     llm = PooledChatOllama(pool=pool, model=MODEL)
 
+    thread_errors: list[BaseException] = []
+
     def sync_worker(seed: int) -> None:
-        for number in range(6):
-            if number % 2:
-                assert llm.invoke(f"sync {seed} {number}").content
-            else:
-                for _ in llm.stream(f"abandoned {seed} {number} one two three"):
-                    break
+        try:
+            for number in range(6):
+                if number % 2:
+                    assert llm.invoke(f"sync {seed} {number}").content
+                else:
+                    for _ in llm.stream(f"abandoned {seed} {number} one two three"):
+                        break
+        except BaseException as exc:
+            thread_errors.append(exc)
 
     async def async_side() -> None:
         tasks = [asyncio.create_task(llm.ainvoke(f"task {n}")) for n in range(12)]
@@ -318,15 +323,18 @@ def test_in_flight_exact_against_standins(start_servers):
         await asyncio.gather(*tasks, return_exceptions=True)
         async for _ in llm.astream("abandoned async one two three"):
             break
+        # aclose() also closes the clients the sync threads use, so it waits
+        # for them: closing a model while other threads still call it is an error.
+        for thread in threads:
+            await asyncio.to_thread(thread.join)
         await llm.aclose()
 
+    threads = [threading.Thread(target=sync_worker, args=(n,)) for n in range(3)]
     try:
-        threads = [threading.Thread(target=sync_worker, args=(n,)) for n in range(3)]
         for thread in threads:
             thread.start()
         asyncio.run(async_side())
-        for thread in threads:
-            thread.join()
+        assert thread_errors == []
         assert pool.in_flight == 0
         assert [i.in_flight for i in pool.instances] == [0, 0]
         assert all(i.successes > 0 for i in pool.instances)

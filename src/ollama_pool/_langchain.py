@@ -321,7 +321,11 @@ class PooledChatOllama(ChatOllama):
     # -- Lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the backends' HTTP clients, and the pool if this model built it."""
+        """Close the backends' HTTP clients, and the pool if this model built it.
+
+        Call it once no other thread or task uses the model any more: a request
+        still running on a closed client fails.
+        """
         for backend in self._sync_backends.values():
             _close_sync_client(backend)
         self._sync_backends.clear()
