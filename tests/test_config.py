@@ -157,6 +157,8 @@ def test_pool_arguments_are_checked():
         OllamaPool(["http://127.0.0.1:1"], model="m", read_timeout=0)
     with pytest.raises(ConfigError, match=r"instances\[0\]\.base_url"):
         OllamaPool(["ftp://127.0.0.1:1"], model="m")
+    with pytest.raises(ConfigError, match=r"instances\[0\]\.base_url"):
+        OllamaPool(["http://exa mple:9"], model="m")
 
 
 def test_malformed_url_error_hides_password():

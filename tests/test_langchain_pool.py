@@ -431,3 +431,16 @@ def test_repr_and_dump_hide_password():
             assert "pw-" not in text
         assert ":***@" in repr(llm)
         llm.close()
+
+
+def test_validate_model_on_init(start_servers):
+    has = start_servers(1, models=["llama3.2:latest"])
+    lacks = start_servers(1, models=["other:latest"])
+    urls = [lacks[0].url, has[0].url]
+    llm = PooledChatOllama(
+        base_urls=urls, model="llama3.2", validate_model_on_init=True
+    )
+    llm.close()
+    with pytest.raises(ValueError, match="not found on any instance") as info:
+        PooledChatOllama(base_urls=urls, model="mistral", validate_model_on_init=True)
+    assert lacks[0].url in str(info.value)

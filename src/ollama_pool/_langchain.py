@@ -30,7 +30,7 @@ from ollama_pool._config import load_config
 from ollama_pool._errors import IncompleteResponseError
 from ollama_pool._instance import Instance
 from ollama_pool._pool import OllamaPool
-from ollama_pool._urls import redact_url
+from ollama_pool._urls import normalize_model, redact_url
 
 # ChatOllama fields that configure generation and are copied to every backend.
 # The address, the model and the HTTP clients are set per instance instead.
@@ -143,7 +143,42 @@ class PooledChatOllama(ChatOllama):
                 **self.pool_options,
             )
             self._owns_pool = True
+        if self.validate_model_on_init:
+            self._validate_model()
         return self
+
+    def _validate_model(self) -> None:
+        """Raise ValueError unless some instance lists the model in /api/tags.
+
+        Like ChatOllama's option of the same name, this sends requests at
+        construction; instances that do not answer are skipped.
+        """
+        wanted = normalize_model(self.model) if self.model else None
+        found: list[str] = []
+        for instance in self._pool.instances:
+            model = wanted or instance.model
+            try:
+                response = httpx.get(
+                    f"{instance.plain_url}/api/tags",
+                    auth=instance.auth,
+                    timeout=self._pool.connect_timeout,
+                )
+                names = {
+                    normalize_model(entry["model"])
+                    for entry in response.json().get("models", [])
+                    if isinstance(entry.get("model"), str)
+                }
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                found.append(f"{instance.url}: not checked ({type(exc).__name__})")
+                continue
+            if model in names:
+                return
+            found.append(f"{instance.url}: lacks {model}")
+        msg = (
+            f"model {self.model!r} not found on any instance ({'; '.join(found)}); "
+            f"pull it, for example with `ollama-pool pull {self.model}`"
+        )
+        raise ValueError(msg)
 
     def _instance_specs(self) -> list[Any]:
         if self.instances is not None:

@@ -968,7 +968,8 @@ def _check_url(url: object, key: str) -> str:
         _ = parts.port  # Raises ValueError for a port that is not a number.
     except ValueError as exc:
         raise ConfigError(f"malformed URL {shown!r}: {exc}", key=key) from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    has_space = any(character.isspace() for character in url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or has_space:
         raise ConfigError(
             f"malformed URL {shown!r}: expected http://HOST:PORT, "
             f"for example http://127.0.0.1:11434",
