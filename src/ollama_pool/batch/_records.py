@@ -45,7 +45,11 @@ def record_key(record_id: RecordId) -> str:
 
 
 def line_id(line_number: int) -> str:
-    """Return the id given to an input line that has no usable id of its own."""
+    """Return the id given to an input line that has no usable id of its own.
+
+    NOTE: a valid record whose own id is literally "line:N" collides with the
+    id given to an invalid input line N, and is then reported as a duplicate.
+    """
     return f"line:{line_number}"
 
 
