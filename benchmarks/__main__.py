@@ -40,9 +40,9 @@ BENCHMARKS: dict[str, tuple[ModuleType, dict[str, Any]]] = {
     ),
     "mixed": (mixed, {"requests": 80}),
     "failure": (failure, {"requests": 240, "strategies": ("round_robin",)}),
-    "overhead": (overhead, {"requests_per_round": 20, "rounds": 2}),
+    "overhead": (overhead, {"requests_per_round": 20, "rounds": 2, "peer_rounds": 1}),
     "memory": (memory, {"record_counts": (200, 1000)}),
-    "real-model": (real_model, {"questions": 4, "instance_counts": (1, 2)}),
+    "real-model": (real_model, {"questions": 4}),
 }
 PEERS = {"scaling", "mixed", "overhead"}
 

@@ -31,24 +31,43 @@ BARE = "ChatOllama"
 BARE_AGAIN = "ChatOllama, second instance (A/A control)"
 BARE_WITH_TIMEOUTS = "ChatOllama with the pool's timeouts"
 POOL = "ollama-pool round_robin"
+PEER = "LiteLLM Router simple-shuffle"
 
 
-def _rotated(names: list[str], shift: int) -> list[str]:
-    shift %= len(names)
-    return names[shift:] + names[:shift]
+def balanced_orders(count: int) -> list[list[int]]:
+    """Return client orders in which each client runs once at each position and,
+    for an even `count`, right after each other client once (a Williams design).
+
+    Running clients in these orders, so that none always follows the same one,
+    spreads the cost that one client leaves behind (garbage, background work)
+    over all of them.
+    """
+    first = [0]
+    for step in range(1, count):
+        first.append((step + 1) // 2 if step % 2 else count - step // 2)
+    orders = [[(index + shift) % count for index in first] for shift in range(count)]
+    if count % 2:
+        orders += [list(reversed(order)) for order in orders]
+    return orders
 
 
 def _sample(cpu: float, wall: float, count: int) -> dict[str, float]:
     return {"cpu_ms": 1000 * cpu / count, "wall_ms": 1000 * wall / count}
 
 
+def _schedule(names: list[str], rounds: int) -> list[list[str]]:
+    """Return the client order of each round; the first round warms up."""
+    orders = balanced_orders(len(names))
+    return [[names[i] for i in orders[r % len(orders)]] for r in range(rounds + 1)]
+
+
 def _sync_rounds(
     clients: dict[str, Any], rounds: int, count: int
 ) -> dict[str, list[dict[str, float]]]:
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in clients}
-    for round_index in range(-1, rounds):  # Round -1 warms up and is not kept.
+    for round_index, order in enumerate(_schedule(list(clients), rounds), -1):
         _machine.settle()
-        for name in _rotated(list(clients), round_index):
+        for name in order:
             client = clients[name]
             batch = prompts(count, f"sync {round_index}")
             time.sleep(_PAUSE)
@@ -69,9 +88,9 @@ async def _async_rounds(
 ) -> dict[str, list[dict[str, float]]]:
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in clients}
     try:
-        for round_index in range(-1, rounds):
+        for round_index, order in enumerate(_schedule(list(clients), rounds), -1):
             _machine.settle()
-            for name in _rotated(list(clients), round_index):
+            for name in order:
                 client = clients[name]
                 batch = prompts(count, f"async {round_index}")
                 # Lets background work of the previous client (LiteLLM's logging
@@ -92,6 +111,16 @@ async def _async_rounds(
     return samples
 
 
+def _measure_group(
+    clients: dict[str, Any], rounds: int, count: int
+) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """Run the sync rounds, then the async rounds, of one group of clients."""
+    return {
+        "sync invoke": _sync_rounds(clients, rounds, count),
+        "async ainvoke": asyncio.run(_async_rounds(clients, rounds, count)),
+    }
+
+
 def _ratios(
     values: list[dict[str, float]], baseline: list[dict[str, float]], key: str
 ) -> list[float]:
@@ -101,9 +130,11 @@ def _ratios(
     )
 
 
-def _summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
+def _summarize(
+    samples: dict[str, list[dict[str, float]]],
+    baselines: dict[str, list[dict[str, float]]],
+) -> list[dict[str, Any]]:
     rows = []
-    baselines = {"bare": samples[BARE], "timeouts": samples[BARE_WITH_TIMEOUTS]}
     for name, values in samples.items():
         row: dict[str, Any] = {"client": name, "rounds": len(values)}
         for key in ("cpu_ms", "wall_ms"):
@@ -112,8 +143,12 @@ def _summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any
             for label, baseline in baselines.items():
                 ratios = _ratios(values, baseline, key)
                 row[f"{key}_ratio_to_{label}"] = statistics.median(ratios)
-                quartiles = statistics.quantiles(ratios, n=4)
-                row[f"{key}_ratio_to_{label}_quartiles"] = [quartiles[0], quartiles[2]]
+                if len(ratios) > 1:
+                    quartiles = statistics.quantiles(ratios, n=4)
+                    spread = [quartiles[0], quartiles[2]]
+                else:
+                    spread = [ratios[0], ratios[0]]
+                row[f"{key}_ratio_to_{label}_quartiles"] = spread
         rows.append(row)
     return rows
 
@@ -159,46 +194,63 @@ def pool_machinery(iterations: int = 20000) -> dict[str, float]:
     }
 
 
-def run(requests_per_round: int = 200, rounds: int = 12, peers: bool = True) -> dict:
-    makers: dict[str, Callable[[str], Any]] = {
+def run(
+    requests_per_round: int = 200,
+    rounds: int = 12,
+    peer_rounds: int = 4,
+    peers: bool = True,
+) -> dict[str, Any]:
+    """Measure the ChatOllama family and the pool, then LiteLLM against ChatOllama.
+
+    LiteLLM runs in a group of its own, because the background work it leaves
+    after its turn would otherwise be charged to the next client of the round.
+    """
+    group: dict[str, Callable[[str], Any]] = {
         BARE: BareClient,
         # The same client twice: the spread of its ratio is the noise floor.
         BARE_AGAIN: BareClient,
         BARE_WITH_TIMEOUTS: partial(BareClient, pool_timeouts=True),
         POOL: lambda url: PoolClient([url]),
     }
-    if peers:
-        makers["LiteLLM Router simple-shuffle"] = lambda url: LiteLLMClient(
-            [url], routing_strategy="simple-shuffle"
-        )
+    peer_group: dict[str, Callable[[str], Any]] = {
+        BARE: BareClient,
+        PEER: lambda url: LiteLLMClient([url], routing_strategy="simple-shuffle"),
+    }
     modes: dict[str, list[dict[str, Any]]] = {}
     with FleetProcess([{"first_token_delay": 0.0}]) as fleet:
-        clients = {name: make(fleet.urls[0]) for name, make in makers.items()}
+        url = fleet.urls[0]
         fleet_cpu_before = fleet.cpu_seconds()
-        modes["sync invoke"] = _summarize(
-            _sync_rounds(clients, rounds, requests_per_round)
-        )
-        modes["async ainvoke"] = _summarize(
-            asyncio.run(_async_rounds(clients, rounds, requests_per_round))
-        )
+        clients = {name: make(url) for name, make in group.items()}
+        for mode, samples in _measure_group(
+            clients, rounds, requests_per_round
+        ).items():
+            baselines = {"bare": samples[BARE], "timeouts": samples[BARE_WITH_TIMEOUTS]}
+            modes[mode] = _summarize(samples, baselines)
+        expected = 2 * (rounds + 1) * requests_per_round * len(group)
+        if peers:
+            clients = {name: make(url) for name, make in peer_group.items()}
+            grouped = _measure_group(clients, peer_rounds, requests_per_round)
+            for mode, samples in grouped.items():
+                baselines = {"bare": samples[BARE]}
+                modes[mode] += _summarize({PEER: samples[PEER]}, baselines)
+            expected += 2 * (peer_rounds + 1) * requests_per_round * len(peer_group)
         fleet_cpu = fleet.cpu_seconds() - fleet_cpu_before
         served = served_by_fleet(fleet.stats())
     _netguard.check(NAME)
-    machinery = pool_machinery()
-    expected = 2 * (rounds + 1) * requests_per_round * len(makers)
     sent = served["paths"].get("/api/chat", 0)
     return {
         "name": NAME,
         "params": {
             "requests_per_round": requests_per_round,
             "rounds": rounds,
+            "peer_rounds": peer_rounds if peers else 0,
             "target": "PooledChatOllama CPU per request <= 1.05 x bare ChatOllama",
         },
         "modes": modes,
         "fleet_cpu_ms_per_request": 1000 * fleet_cpu / max(sent, 1),
         "served": served,
         "chat_requests_expected": expected,
-        "pool_machinery": machinery,
+        "pool_machinery": pool_machinery(),
     }
 
 
@@ -225,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
                     " - ".join(
                         fmt(value, 3) for value in row["cpu_ms_ratio_to_bare_quartiles"]
                     ),
-                    fmt(row["cpu_ms_ratio_to_timeouts"], 3),
+                    fmt(row.get("cpu_ms_ratio_to_timeouts"), 3),
                     fmt(row["wall_ms_median"], 3),
                     fmt(row["wall_ms_ratio_to_bare"], 3),
                 ]

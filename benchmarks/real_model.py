@@ -93,7 +93,7 @@ def run_batch(workdir: Path, questions: Path, instances: int) -> dict[str, Any]:
     }
 
 
-def run(questions: int = 24, instance_counts: Sequence[int] = (1, 2)) -> dict[str, Any]:
+def run(questions: int = 40, instance_counts: Sequence[int] = (1, 2)) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ollama-pool-real-model-") as tmp:
         workdir = Path(tmp)
