@@ -54,6 +54,31 @@ def _options(name: str, quick: bool, peers: bool) -> dict[str, Any]:
     return options
 
 
+def _run_one(
+    name: str, quick: bool, peers: bool
+) -> tuple[dict[str, Any], str, _netguard.ForeignHostError | None]:
+    """Run one benchmark; return its result, its Markdown and any network stop."""
+    module = BENCHMARKS[name][0]
+    click.echo(f"== {name}", err=True)
+    started = time.perf_counter()
+    stopped = None
+    try:
+        result = module.main(**_options(name, quick, peers))
+        text = module.markdown(result)
+    except _netguard.ForeignHostError as exc:
+        # Stop at once: a client tried to reach another host.
+        stopped = exc
+        result = {"name": name, "error": str(exc)}
+        text = f"Stopped: {exc}\n"
+    except Exception as exc:  # Record the failure and go on with the others.
+        traceback.print_exc()
+        result = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+        text = f"Failed: {result['error']}\n"
+    result["seconds"] = time.perf_counter() - started
+    click.echo(text, err=True)
+    return result, text, stopped
+
+
 def _run(
     names: list[str], quick: bool, peers: bool, output: Path | None, settle: float
 ) -> None:
@@ -66,30 +91,14 @@ def _run(
         "benchmarks": {},
     }
     sections = []
-    stopped: _netguard.ForeignHostError | None = None
+    stopped = None
     for name in names:
-        module = BENCHMARKS[name][0]
-        click.echo(f"== {name}", err=True)
-        started = time.perf_counter()
-        try:
-            result = module.main(**_options(name, quick, peers))
-        except _netguard.ForeignHostError as exc:
-            # Stop at once: a client tried to reach another host.
-            stopped = exc
-            result = {"name": name, "error": str(exc)}
-            text = f"Stopped: {exc}\n"
-        except Exception as exc:  # Record the failure and go on with the others.
-            traceback.print_exc()
-            result = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
-            text = f"Failed: {result['error']}\n"
-        else:
-            text = module.markdown(result)
-        result["seconds"] = time.perf_counter() - started
+        result, text, stopped = _run_one(name, quick, peers)
         results["benchmarks"][name] = result
         sections.append((f"{name} ({result['seconds']:.0f} s)", text))
-        click.echo(text, err=True)
         if stopped is not None:
             break
+
     results["network_guard"] = {"blocked_attempts": _netguard.violations()}
     sections.append(("Network check", traffic_section(results)))
     if output is None:
@@ -98,6 +107,7 @@ def _run(
         output = RESULTS_DIR / f"{label}-{stamp}"
     json_path, markdown_path = write(results, sections, output)
     click.echo(f"wrote {json_path} and {markdown_path}", err=True)
+
     if stopped is not None or _netguard.violations():
         raise click.ClickException(
             "a client tried to reach a host other than 127.0.0.1; see the "

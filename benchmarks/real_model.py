@@ -9,6 +9,7 @@ Needs the `local` extra (llama-cpp-python and the Gemma 3 270M GGUF).
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks._machine import MachineLoad
 from benchmarks._report import fmt, table
 
 NAME = "real-model"
@@ -60,6 +62,9 @@ def run_batch(workdir: Path, questions: Path, instances: int) -> dict[str, Any]:
         "--summary-json",
         str(summary_path),
     ]
+    load = MachineLoad()
+    load.start()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     completed = subprocess.run(
         command,
@@ -71,6 +76,13 @@ def run_batch(workdir: Path, questions: Path, instances: int) -> dict[str, Any]:
         check=False,
     )
     wall = time.perf_counter() - started
+    busy_cores = load.busy_cores()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The batch command, its llama.cpp instances and nothing else: all are
+    # descendants that the command waits for.
+    run_cpu = (children.ru_utime - children_before.ru_utime) + (
+        children.ru_stime - children_before.ru_stime
+    )
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     with output_path.open(encoding="utf-8") as handle:
         lines = [json.loads(line) for line in handle if line.strip()]
@@ -90,6 +102,9 @@ def run_batch(workdir: Path, questions: Path, instances: int) -> dict[str, Any]:
             stats.get("output_tokens", 0) for stats in summary.get("instances", [])
         ),
         "summary": summary,
+        "run_cores": run_cpu / wall,
+        "machine_busy_cores": busy_cores,
+        "other_cores": max(0.0, busy_cores - run_cpu / wall),
     }
 
 
@@ -135,6 +150,8 @@ def markdown(result: dict[str, Any]) -> str:
         "output tokens",
         "questions/s",
         "speedup",
+        "cores used by the run",
+        "other work (cores)",
     ]
     body = [
         [
@@ -146,6 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
             row["output_tokens"],
             fmt(row["questions_per_second"], 3),
             fmt(row["speedup"], 2),
+            fmt(row["run_cores"], 2),
+            fmt(row["other_cores"], 2),
         ]
         for row in result["rows"]
     ]
