@@ -29,7 +29,8 @@ def _clients(urls: Sequence[str], peers: bool) -> list[Callable[[], Client]]:
         for strategy in STRATEGIES
     ]
     # A limit of 2 keeps one request waiting at each server (parallel=1), so an
-    # instance that finishes never waits for the client's round trip.
+    # instance that finishes can start the next request without a client round
+    # trip.
     makers += [
         partial(PoolClient, urls, strategy=strategy, max_in_flight_per_instance=2)
         for strategy in ("round_robin", "least_active")
