@@ -444,3 +444,33 @@ def test_validate_model_on_init(start_servers):
     with pytest.raises(ValueError, match="not found on any instance") as info:
         PooledChatOllama(base_urls=urls, model="mistral", validate_model_on_init=True)
     assert lacks[0].url in str(info.value)
+
+
+def test_invoke_merges_thinking_and_tools(start_servers):
+    servers = start_servers(
+        1,
+        reply="final words here",
+        thinking="step one then step two",
+        tool_calls=[{"name": "lookup", "arguments": {"q": "x"}}],
+    )
+    with make_llm(servers, reasoning=True) as llm:
+        thought = llm.invoke("think please")
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "description": "Look a word up.",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"q": {"type": "string"}},
+                    },
+                },
+            }
+        ]
+        called = llm.bind_tools(tools).invoke("use the tool")
+    assert thought.content == "final words here"
+    reasoning = thought.additional_kwargs["reasoning_content"]
+    assert reasoning == "step one then step two"
+    assert [call["name"] for call in called.tool_calls] == ["lookup"]
+    assert called.tool_calls[0]["args"] == {"q": "x"}

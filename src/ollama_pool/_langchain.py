@@ -422,9 +422,9 @@ def _checked(
 
 
 def _to_result(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
-    final = chunks[0]
-    for chunk in chunks[1:]:
-        final += chunk
+    # One merge of the whole list: adding chunks one by one, as ChatOllama does,
+    # copies the growing text each time and costs quadratic time in the chunks.
+    final = chunks[0] + list(chunks[1:]) if len(chunks) > 1 else chunks[0]
     message = cast(AIMessageChunk, final.message)
     generation = ChatGeneration(
         message=AIMessage(
