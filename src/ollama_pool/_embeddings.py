@@ -201,6 +201,30 @@ def pool_from_config(path: str | Path) -> tuple[OllamaPool, dict[str, Any]]:
     return OllamaPool(**config.pool_kwargs()), config.chat_kwargs()
 
 
+class EmbeddingSettings(PoolSettings):
+    """Pydantic fields of an /api/embed request, shared by both embedding faces."""
+
+    truncate: bool | None = None
+    """Whether the server cuts texts longer than the context; None: its default."""
+
+    dimensions: int | None = None
+    """Length of the returned vectors, for models that support it."""
+
+    keep_alive: int | float | str | None = None
+    """How long the server keeps the model loaded, e.g. "5m"; None: its default."""
+
+    options: dict[str, Any] | None = None
+    """Model options sent with each request, e.g. {"num_ctx": 2048}."""
+
+    def _embed_arguments(self) -> dict[str, Any]:
+        return {
+            "truncate": self.truncate,
+            "dimensions": self.dimensions,
+            "keep_alive": self.keep_alive,
+            "options": self.options,
+        }
+
+
 class EmbeddingRequests:
     """Sends texts to `/api/embed` in batches, one pool request per batch.
 
@@ -289,7 +313,7 @@ def _checked(
     return vectors
 
 
-class PooledOllamaEmbeddings(PoolSettings, Embeddings):
+class PooledOllamaEmbeddings(EmbeddingSettings, Embeddings):
     """LangChain embeddings whose requests are spread over the instances of a pool.
 
     A replacement for `langchain_ollama.OllamaEmbeddings`. Share the pool of the
@@ -312,18 +336,6 @@ class PooledOllamaEmbeddings(PoolSettings, Embeddings):
     max_concurrency: int | None = Field(default=None, ge=1)
     """Batches of one call in flight at once; None for one per instance."""
 
-    truncate: bool | None = None
-    """Whether the server cuts texts longer than the context; None: its default."""
-
-    dimensions: int | None = None
-    """Length of the returned vectors, for models that support it."""
-
-    keep_alive: int | str | None = None
-    """How long the server keeps the model loaded, e.g. "5m"; None: its default."""
-
-    options: dict[str, Any] | None = None
-    """Model options sent with each request, e.g. {"num_ctx": 2048}."""
-
     _requests: EmbeddingRequests = PrivateAttr()
 
     @model_validator(mode="after")
@@ -335,12 +347,7 @@ class PooledOllamaEmbeddings(PoolSettings, Embeddings):
             self.model,
             batch_size=self.batch_size,
             max_concurrency=self.max_concurrency,
-            arguments={
-                "truncate": self.truncate,
-                "dimensions": self.dimensions,
-                "keep_alive": self.keep_alive,
-                "options": self.options,
-            },
+            arguments=self._embed_arguments(),
         )
         return self
 

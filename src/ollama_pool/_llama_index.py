@@ -58,6 +58,7 @@ from typing_extensions import Self
 
 from ollama_pool._embeddings import (
     EmbeddingRequests,
+    EmbeddingSettings,
     InstanceClients,
     PoolSettings,
     pool_from_config,
@@ -699,7 +700,7 @@ def _tool_arguments(block: ToolCallBlock) -> dict[str, Any]:
     return arguments
 
 
-class PooledOllamaEmbedding(PoolSettings, BaseEmbedding):
+class PooledOllamaEmbedding(EmbeddingSettings, BaseEmbedding):
     """A LlamaIndex embedding model whose requests are spread over a pool.
 
     A replacement for `llama_index.embeddings.ollama.OllamaEmbedding`. Share the
@@ -729,18 +730,6 @@ class PooledOllamaEmbedding(PoolSettings, BaseEmbedding):
     text_instruction: str | None = None
     """Text put before each document, e.g. "search_document: "."""
 
-    truncate: bool | None = None
-    """Whether the server cuts texts longer than the context; None: its default."""
-
-    dimensions: int | None = None
-    """Length of the returned vectors, for models that support it."""
-
-    keep_alive: float | str | None = None
-    """How long the server keeps the model loaded, e.g. "5m"; None: its default."""
-
-    options: dict[str, Any] | None = None
-    """Model options sent with each request, e.g. {"num_ctx": 2048}."""
-
     _requests: EmbeddingRequests = PrivateAttr()
 
     @model_validator(mode="after")
@@ -752,12 +741,7 @@ class PooledOllamaEmbedding(PoolSettings, BaseEmbedding):
             self.model_name,
             batch_size=self.embed_batch_size,
             max_concurrency=None,
-            arguments={
-                "truncate": self.truncate,
-                "dimensions": self.dimensions,
-                "keep_alive": self.keep_alive,
-                "options": self.options,
-            },
+            arguments=self._embed_arguments(),
         )
         return self
 
