@@ -15,7 +15,7 @@ from ollama_pool._errors import IncompleteResponseError
 
 
 class Failure(enum.Enum):
-    """What one failed attempt means for the request and for the instance."""
+    """Outcome of one failed attempt, for the request and for the instance."""
 
     # The instance answered with an error (5xx, broken stream): retry elsewhere
     # and count the failure towards its ejection.
